@@ -1,0 +1,24 @@
+"""Architecture families beyond the standard YOLOv5 blocks, one self-contained file per family.
+
+Contract every family file follows (``models/yolo.py`` relies on it):
+
+- The file's docstring cites the paper; it imports only torch, timm and ``models.common``
+  (for the shared folding primitives ``ConvBN``, ``fold_bn``, ``pad_kernel``, ``identity_kernel``,
+  ``bn_as_conv``, ``make_conv``).
+- Re-parameterization: a module that trains with branches implements ``reparameterize(self) -> None``
+  (timm's name), in place and idempotent; afterwards its eval-mode output is unchanged and it holds
+  no BatchNorm and no parallel branch of its own. ``model.fuse()`` walks the module tree parent
+  first and calls ``reparameterize()`` on every module that has it, so a parent may rely on its
+  children's ``folded_kernel_bias()`` whether or not they are folded yet.
+- ``YAML_MODULES: dict[str, tuple[callable, str]]`` maps each name usable in a model YAML to its
+  constructor and its argument convention (``kind``) for a row ``[from, n, name, args]``:
+
+  ``conv``      args ``[c2, *rest]``; c2 scaled by width_multiple (multiple of 8); built as
+                ``ctor(c1, c2, *rest)``; n > 1 stacks n copies in ``nn.Sequential``.
+  ``csp``       as ``conv`` but the depth-scaled repeats go to the constructor: ``ctor(c1, c2, n, *rest)``.
+  ``fixed``     ``args[0]`` is the output channel count, used as is; built as ``ctor(*args[1:])``.
+  ``backbone``  multi-output: built as ``ctor(c1, *args)``; forward returns a list of feature maps
+                whose strides (measured) place them at layer indices 0-4 (P1/2 ... P5/32); the
+                constructor's module must be the first row of the YAML.
+  ``plain``     built as ``ctor(*args)``; output channels equal input channels.
+"""

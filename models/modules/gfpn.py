@@ -1,0 +1,150 @@
+"""Efficient RepGFPN blocks (the DAMO-YOLO neck) for YOLOv5.
+
+Xu et al., "DAMO-YOLO: A Report on Real-Time Object Detection Design", 2022 (arXiv:2211.15444),
+whose Efficient RepGFPN refines the generalized FPN of Jiang et al., "GiraffeDet: A Heavy-Neck
+Paradigm for Object Detection", ICLR 2022: queen-fusion nodes that merge same-level, upper and
+lower features through ``CSPStage`` blocks of re-parameterizable ``RepConv`` units.
+
+Attribute names follow DAMO-YOLO's neck (``rbr_dense``/``rbr_1x1``, ``conv1``..``conv3``,
+``convs``), so its training-form weights map onto these modules key for key.
+
+SPP inside ``CSPStage`` (``spp=True``): DAMO-YOLO inserts pooling (max-pools 5, 9, 13 on the
+input, concatenated with it, then a 1x1 ConvBNAct back to ``mid`` channels) after block
+``(n - 1) // 2`` of the chain. Its reference code also appends the pooled map to the
+concatenation while sizing ``conv3`` for ``n`` block outputs only, so ``spp=True`` fails there
+(every shipped DAMO-YOLO config uses ``spp=False``). Here the pooled map *replaces* the output of
+the block it follows, both in the chain and in the concatenation, so ``conv3`` keeps
+``mid * n + first`` input channels for any ``n``.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from types import MappingProxyType
+
+import torch
+import torch.nn as nn
+
+from models.common import ConvBN, make_conv, pad_kernel
+
+ACTIVATIONS = MappingProxyType({
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,  # x * sigmoid(x)
+    "lrelu": partial(nn.LeakyReLU, 0.1),
+    "hardsigmoid": nn.Hardsigmoid,
+    "identity": nn.Identity,
+})
+
+
+def get_activation(name: str | None) -> nn.Module:
+    """A fresh activation module from its DAMO-YOLO name (``None`` means identity)."""
+    if name is None:
+        return nn.Identity()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose from {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class ConvBNAct(ConvBN):
+    """Conv (padding ``(k - 1) // 2``, no bias) + BatchNorm + activation given by name."""
+
+    def __init__(self, c1: int, c2: int, k: int, stride: int = 1, groups: int = 1, act: str | None = "silu"):
+        super().__init__(c1, c2, k, stride, (k - 1) // 2, groups)
+        self.act = get_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class RepConv(nn.Module):
+    """``act(conv_bn_kxk(x) + conv_bn_1x1(x))``, no identity branch; folds to one k x k conv."""
+
+    def __init__(self, c1: int, c2: int, k: int = 3, stride: int = 1, act: str | None = "relu"):
+        super().__init__()
+        self.rbr_dense = ConvBN(c1, c2, k, stride)
+        self.rbr_1x1 = ConvBN(c1, c2, 1, stride)
+        self.act = get_activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.rbr_dense(x)
+        if self.rbr_1x1 is not None:
+            y = y + self.rbr_1x1(x)
+        return self.act(y)
+
+    def folded_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernel and bias of the single conv equal to both branches (eval mode)."""
+        kernel, bias = self.rbr_dense.folded_kernel_bias()
+        kernel_1x1, bias_1x1 = self.rbr_1x1.folded_kernel_bias()
+        return kernel + pad_kernel(kernel_1x1, kernel.shape[-1]), bias + bias_1x1
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Replace both branches by one biased conv (idempotent)."""
+        if self.rbr_1x1 is None:
+            return
+        self.rbr_dense = make_conv(self.rbr_dense.conv, *self.folded_kernel_bias())
+        self.rbr_1x1 = None
+
+
+class BasicBlock_3x3_Reverse(nn.Module):  # noqa: N801 (DAMO-YOLO's name)
+    """Residual ``x + conv1(conv2(x))``: ``conv2`` a RepConv to ``hidden``, ``conv1`` a 3x3 ConvBNAct back."""
+
+    def __init__(self, c1: int, hidden_ratio: float, c2: int, act: str | None = "relu", shortcut: bool = True):
+        super().__init__()
+        if c1 != c2:
+            raise ValueError(f"BasicBlock_3x3_Reverse keeps the channel count ({c1} != {c2})")
+        hidden = int(c1 * hidden_ratio)
+        self.conv2 = RepConv(c1, hidden, 3, act=act)
+        self.conv1 = ConvBNAct(hidden, c2, 3, act=act)
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(self.conv2(x))
+        return x + y if self.shortcut else y
+
+
+class PoolPyramid(nn.Module):
+    """DAMO-YOLO's SPP: ``[x, maxpool_k(x) for k in pool_sizes]`` concatenated, then a 1x1 ConvBNAct to ``c``."""
+
+    def __init__(self, c: int, pool_sizes: tuple[int, ...] = (5, 9, 13), act: str | None = "silu"):
+        super().__init__()
+        self.pools = nn.ModuleList(nn.MaxPool2d(k, stride=1, padding=k // 2) for k in pool_sizes)
+        self.conv = ConvBNAct(c * (len(pool_sizes) + 1), c, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([x, *(pool(x) for pool in self.pools)], 1))
+
+
+class CSPStage(nn.Module):
+    """Efficient RepGFPN merge node: CSP split, a chain of ``n`` reverse blocks, concat of every stage output."""
+
+    def __init__(
+        self, c1: int, c2: int, n: int = 1, hidden_ratio: float = 1.0, act: str | None = "silu", spp: bool = False
+    ):
+        super().__init__()
+        first = c2 // 2
+        mid = c2 - first
+        self.conv1 = ConvBNAct(c1, first, 1, act=act)
+        self.conv2 = ConvBNAct(c1, mid, 1, act=act)
+        self.convs = nn.Sequential(*(BasicBlock_3x3_Reverse(mid, hidden_ratio, mid, act) for _ in range(n)))
+        self.spp = PoolPyramid(mid, act=act) if spp else None
+        self.spp_after = (n - 1) // 2
+        self.conv3 = ConvBNAct(mid * n + first, c2, 1, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outputs = [self.conv1(x)]
+        y = self.conv2(x)
+        for i, block in enumerate(self.convs):
+            y = block(y)
+            if self.spp is not None and i == self.spp_after:
+                y = self.spp(y)
+            outputs.append(y)
+        return self.conv3(torch.cat(outputs, 1))
+
+
+YAML_MODULES = {
+    "CSPStage": (CSPStage, "csp"),
+    "RepConv": (RepConv, "conv"),
+    "ConvBNAct": (ConvBNAct, "conv"),
+}

@@ -1,0 +1,542 @@
+"""YOLOv5 detection model built from a model YAML, and its Detect head.
+
+Usage:
+    python models/yolo.py --cfg yolov5s.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import importlib
+import math
+import pkgutil
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import models.modules  # noqa: E402
+from models.common import (  # noqa: E402
+    C3, C3SPP, C3TR, SPP, SPPF, Bottleneck, BottleneckCSP, C3Ghost, C3x, Concat, Contract, Conv, CrossConv, DWConv,
+    Expand, Focus, GhostBottleneck, GhostConv,
+)
+from utils.general import LOGGER, UserInputError, make_divisible, set_logging, yaml_load  # noqa: E402
+from utils.torch_utils import model_info, profile_layer, scale_img, select_device  # noqa: E402
+
+MODELS_DIR = ROOT / "models"
+
+
+class Detect(nn.Module):
+    """YOLOv5 head: one 1x1 conv per level; decodes boxes in eval mode, returns raw maps in training mode.
+
+    ``anchors`` is a buffer of shape (nl, na, 2) in grid units (pixels / stride), as upstream keeps it.
+    """
+
+    export = False  # class-level switch read by exporters: return only the decoded tensor
+
+    def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), inplace: bool = True):
+        super().__init__()
+        self.nc = nc
+        self.no = nc + 5
+        self.nl = len(anchors)
+        self.na = len(anchors[0]) // 2
+        self.inplace = inplace
+        self.register_buffer("anchors", torch.tensor(anchors).float().view(self.nl, -1, 2))
+        self.register_buffer("stride", torch.ones(self.nl), persistent=False)
+        self.m = nn.ModuleList(nn.Conv2d(x, self.no * self.na, 1) for x in ch)
+        self.grid: list[torch.Tensor] = [torch.empty(0)] * self.nl
+        self.anchor_grid: list[torch.Tensor] = [torch.empty(0)] * self.nl
+        self.dynamic = False  # recompute grids on every call (dynamic ONNX shapes)
+
+    def forward(self, x: list[torch.Tensor]):
+        z = []
+        for i in range(self.nl):
+            x[i] = self.m[i](x[i])
+            bs, _, ny, nx = x[i].shape
+            x[i] = x[i].view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
+            if not self.training:
+                if self.dynamic or self.grid[i].shape[2:4] != x[i].shape[2:4] or self.grid[i].device != x[i].device:
+                    self.grid[i], self.anchor_grid[i] = self._make_grid(nx, ny, i)
+                xy, wh, conf = x[i].sigmoid().split((2, 2, self.nc + 1), 4)
+                xy = (xy * 2 + self.grid[i]) * self.stride[i]
+                wh = (wh * 2) ** 2 * self.anchor_grid[i]
+                z.append(torch.cat((xy, wh, conf), 4).view(bs, self.na * nx * ny, self.no))
+        if self.training:
+            return x
+        return (torch.cat(z, 1),) if self.export else (torch.cat(z, 1), x)
+
+    def _make_grid(self, nx: int, ny: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cell offsets (shifted by -0.5 for the 2*sigmoid-0.5 decode) and anchor sizes in pixels."""
+        d, t = self.anchors[i].device, self.anchors[i].dtype
+        shape = 1, self.na, ny, nx, 2
+        yv, xv = torch.meshgrid(torch.arange(ny, device=d, dtype=t), torch.arange(nx, device=d, dtype=t), indexing="ij")
+        grid = torch.stack((xv, yv), 2).expand(shape) - 0.5
+        anchor_grid = (self.anchors[i] * self.stride[i]).view(1, self.na, 1, 1, 2).expand(shape)
+        return grid, anchor_grid
+
+
+class BackboneSlot(nn.Module):
+    """Placeholder that keeps layer indices 1-4 aligned with pyramid levels after a multi-output backbone.
+
+    It holds no parameters and is skipped in the forward pass: the backbone at index 0 fills all five slots.
+    """
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Module registry: YAML names -> (constructor, argument convention). See models/modules/__init__.py for the kinds.
+CORE_MODULES: dict[str, tuple[Callable, str]] = {
+    **{m.__name__: (m, "conv") for m in (Conv, DWConv, GhostConv, Focus, CrossConv, Bottleneck, GhostBottleneck,
+                                         SPP, SPPF, C3SPP)},
+    **{m.__name__: (m, "csp") for m in (C3, C3x, C3TR, C3Ghost, BottleneckCSP)},
+    "nn.ConvTranspose2d": (nn.ConvTranspose2d, "conv"),
+    "nn.Upsample": (nn.Upsample, "plain"),
+    "nn.MaxPool2d": (nn.MaxPool2d, "plain"),
+    "nn.Identity": (nn.Identity, "plain"),
+    "nn.BatchNorm2d": (nn.BatchNorm2d, "bn"),
+    "Concat": (Concat, "concat"),
+    "Contract": (Contract, "contract"),
+    "Expand": (Expand, "expand"),
+    "Detect": (Detect, "detect"),
+}
+
+
+def module_registry() -> dict[str, tuple[Callable, str]]:
+    """All YAML module names: the core blocks plus every family's ``YAML_MODULES`` in models/modules/."""
+    registry = dict(CORE_MODULES)
+    for info in pkgutil.iter_modules(models.modules.__path__):
+        family = importlib.import_module(f"models.modules.{info.name}")
+        for name, entry in getattr(family, "YAML_MODULES", {}).items():
+            if name in registry and registry[name] != entry:
+                raise RuntimeError(f"models/modules/{info.name}.py: YAML module name '{name}' is already registered")
+            registry[name] = entry
+    return registry
+
+
+class ModelConfigError(UserInputError):
+    """A model YAML that cannot be built; the message names the file and the row."""
+
+
+ACTIVATIONS = {name: getattr(nn, name) for name in ("SiLU", "ReLU", "ReLU6", "LeakyReLU", "Hardswish", "Mish", "GELU",
+                                                   "ELU", "Sigmoid", "Tanh", "Identity", "PReLU", "Hardsigmoid")}
+
+
+def parse_activation(text: str, source: str) -> nn.Module:
+    """'nn.LeakyReLU(0.1)' -> nn.LeakyReLU(0.1), without evaluating the string."""
+    match = re.fullmatch(r"\s*(?:nn\.|torch\.nn\.)?(\w+)\s*\((.*)\)\s*", str(text))
+    if not match or match[1] not in ACTIVATIONS:
+        raise ModelConfigError(f"{source}: activation '{text}' is not one of nn.{'(), nn.'.join(ACTIVATIONS)}()")
+    try:
+        args = ast.literal_eval(f"({match[2]},)") if match[2].strip() else ()
+    except (ValueError, SyntaxError):
+        raise ModelConfigError(f"{source}: activation '{text}' has arguments that are not plain numbers") from None
+    return ACTIVATIONS[match[1]](*args)
+
+
+def _apply_activation(module: nn.Module, act: nn.Module) -> None:
+    """Replace the default SiLU of every YOLOv5 Conv inside ``module`` by a copy of ``act``."""
+    for m in module.modules():
+        if isinstance(m, Conv) and isinstance(m.act, nn.SiLU):
+            m.act = copy.deepcopy(act)
+
+
+def _resolve_arg(a: Any, names: dict[str, Any]) -> Any:
+    """YAML argument: the symbols nc / anchors / None resolve, lists recurse, anything else stays as is."""
+    if isinstance(a, str):
+        return names.get(a, a)
+    if isinstance(a, list):
+        return [_resolve_arg(x, names) for x in a]
+    return a
+
+
+def _check_row(row: Any, layer: int, where: str) -> tuple[list[int], int, str, list]:
+    if not (isinstance(row, (list, tuple)) and len(row) == 4):
+        raise ModelConfigError(f"{where}: expected [from, number, module, args], got {row!r}")
+    f, n, m, args = row
+    froms = [f] if isinstance(f, int) else f
+    if not isinstance(froms, list) or not froms or not all(isinstance(j, int) and not isinstance(j, bool) for j in froms):
+        raise ModelConfigError(f"{where}: 'from' must be an integer or a list of integers, got {f!r}")
+    for j in froms:
+        if not (-layer <= j < layer or (layer == 0 and j == -1)):
+            raise ModelConfigError(f"{where}: 'from' index {j} refers to no earlier layer (this is layer {layer})")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ModelConfigError(f"{where}: 'number' must be a positive integer, got {n!r}")
+    if not isinstance(m, str):
+        raise ModelConfigError(f"{where}: module must be a name, got {m!r}")
+    if not isinstance(args, list):
+        raise ModelConfigError(f"{where}: args must be a list, got {args!r}")
+    return froms, n, m, args
+
+
+def _measure_levels(module: nn.Module, c1: int, where: str) -> tuple[list[int | None], list[int]]:
+    """For a multi-output backbone: list position per level (P1..P5) and channels per level, from a dummy forward."""
+    size = 128
+    was_training = module.training
+    with torch.no_grad():
+        feats = module.eval()(torch.zeros(1, c1, size, size))
+    module.train(was_training)
+    if not isinstance(feats, (list, tuple)) or not feats:
+        raise ModelConfigError(f"{where}: a backbone row must return a list of feature maps")
+    slots: list[int | None] = [None] * 5
+    chans = [0] * 5
+    for k, f in enumerate(feats):
+        level = round(math.log2(size / f.shape[-2]))
+        if not 1 <= level <= 5 or slots[level - 1] is not None or 2**level * f.shape[-2] != size:
+            raise ModelConfigError(f"{where}: backbone output {k} has stride {size / f.shape[-2]:g}; "
+                                   "expected distinct strides among 2, 4, 8, 16, 32")
+        slots[level - 1], chans[level - 1] = k, f.shape[1]
+    return slots, chans
+
+
+def parse_model(d: dict, ch: int, source: str = "model.yaml",
+                extra_modules: dict[str, tuple[Callable, str]] | None = None) -> tuple[nn.Sequential, list[int]]:
+    """Build the layers of a model dict (the YAML). Returns (layers, sorted indices whose outputs later rows use).
+
+    ``extra_modules`` adds user-defined YAML names, {name: (constructor, kind)}, to the registry.
+    """
+    for key in ("backbone", "head"):
+        if not isinstance(d.get(key), list):
+            raise ModelConfigError(f"{source}: missing or invalid '{key}' (a list of [from, number, module, args] rows)")
+    nc, gd, gw = d.get("nc"), d.get("depth_multiple", 1.0), d.get("width_multiple", 1.0)
+    anchors = d.get("anchors")
+    if not isinstance(nc, int) or nc < 1:
+        raise ModelConfigError(f"{source}: 'nc' must be a positive integer, got {nc!r}")
+    for key, v in (("depth_multiple", gd), ("width_multiple", gw)):
+        if not isinstance(v, (int, float)) or v <= 0:
+            raise ModelConfigError(f"{source}: '{key}' must be a positive number, got {v!r}")
+    act = parse_activation(d["activation"], source) if d.get("activation") else None
+    na = (len(anchors[0]) // 2) if isinstance(anchors, list) else anchors
+    no = (na or 3) * (nc + 5)
+    registry = {**module_registry(), **(extra_modules or {})}
+    symbols = {"nc": nc, "anchors": anchors, "None": None}
+
+    LOGGER.info(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
+    layers: list[nn.Module] = []
+    chans: list[int | None] = []  # output channels per layer index (None: empty backbone slot)
+    save: set[int] = set()
+    rows = [("backbone", k, r) for k, r in enumerate(d["backbone"])] + [("head", k, r) for k, r in enumerate(d["head"])]
+    for section, k, row in rows:
+        i = len(layers)
+        where = f"{source}: {section} row {k} (layer {i})"
+        froms, n, name, args = _check_row(row, i, where)
+        if name not in registry:
+            raise ModelConfigError(f"{where}: unknown module '{name}'")
+        ctor, kind = registry[name]
+        inputs = [chans[j] for j in froms] if i else [ch]
+        if any(c is None for c in inputs):
+            raise ModelConfigError(f"{where}: 'from' {row[0]} refers to an empty backbone slot")
+        args = _resolve_arg(args, symbols)
+        n_ = max(round(n * gd), 1) if n > 1 else n
+        try:
+            module, c2, args = _build_row(ctor, kind, inputs, args, n_, gw, no, where)
+        except ModelConfigError:
+            raise
+        except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
+            raise ModelConfigError(f"{where}: cannot build {name}{args}: {e}") from None
+        if act is not None:
+            _apply_activation(module, act)
+        f = froms[0] if len(froms) == 1 else froms
+        module.i, module.f, module.type = i, f, f"{ctor.__module__}.{getattr(ctor, '__name__', name)}".replace(
+            "__main__.", "models.yolo.")
+        module.np = sum(x.numel() for x in module.parameters())
+        save.update(j % i for j in froms if j != -1)
+        if kind == "backbone":
+            if i != 0:
+                raise ModelConfigError(f"{where}: a multi-output backbone ({name}) must be the first row")
+            module.slots, level_chans = _measure_levels(module, ch, where)
+            slots = [BackboneSlot(level) for level in range(1, 5)]
+            for level, slot in enumerate(slots, start=1):
+                slot.i, slot.f = level, -1
+            layers += [module, *slots]
+            chans += [c if pos is not None else None for c, pos in zip(level_chans, module.slots)]
+            idx = "0-4"
+        else:
+            layers.append(module)
+            chans.append(c2)
+            idx = str(i)
+        LOGGER.info(f"{idx:>3}{str(f):>18}{n_:>3}{module.np:10.0f}  {module.type:<40}{str(args):<30}")
+    return nn.Sequential(*layers), sorted(save)
+
+
+def _build_row(ctor: Callable, kind: str, inputs: list[int], args: list, n: int, gw: float, no: int, where: str):
+    """Construct one row's module according to its argument convention. Returns (module, out channels, args)."""
+    c1 = inputs[0]
+    if kind in ("conv", "csp"):
+        if not args:
+            raise ModelConfigError(f"{where}: missing output channels (args[0])")
+        c2 = args[0]
+        if not isinstance(c2, int):
+            raise ModelConfigError(f"{where}: output channels args[0] must be an integer, got {c2!r}")
+        if c2 != no:
+            c2 = make_divisible(c2 * gw, 8)
+        args = [c1, c2, *args[1:]]
+        if kind == "csp":
+            args.insert(2, n)
+            n = 1
+    elif kind == "fixed":
+        c2, args = args[0], args[1:]
+    elif kind == "backbone":
+        c2, args = None, [c1, *args]
+    elif kind == "bn":
+        c2, args = c1, [c1]
+    elif kind == "concat":
+        c2 = sum(inputs)
+    elif kind == "contract":
+        c2 = c1 * args[0] ** 2
+    elif kind == "expand":
+        c2 = c1 // args[0] ** 2
+    elif kind == "detect":
+        args = list(args) + [inputs]
+        if isinstance(args[1], int):
+            args[1] = [list(range(args[1] * 2))] * len(inputs)
+        if len(args[1]) != len(inputs):
+            raise ModelConfigError(f"{where}: {len(args[1])} anchor rows for {len(inputs)} detection inputs")
+        c2 = None
+    else:  # plain
+        c2 = c1
+    module = nn.Sequential(*(ctor(*args) for _ in range(n))) if n > 1 else ctor(*args)
+    return module, c2, args
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+class BaseModel(nn.Module):
+    """Layer-by-layer forward over ``self.model`` with saved outputs, folding and summaries."""
+
+    model: nn.Sequential
+    save: list[int]
+
+    def forward(self, x: torch.Tensor, profile: bool = False, visualize: bool | Path = False):
+        return self._forward_once(x, profile, visualize)
+
+    def _forward_once(self, x: torch.Tensor, profile: bool = False, visualize: bool | Path = False):
+        y: list[torch.Tensor | None] = []
+        if profile:
+            LOGGER.info(f"{'time (ms)':>10s} {'GFLOPs':>10s} {'params':>10s}  module")
+        for m in self.model:
+            if isinstance(m, BackboneSlot):
+                continue
+            if m.f != -1:
+                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            if profile:
+                dt, gflops = profile_layer(m, x)
+                LOGGER.info(f"{dt:10.2f} {gflops:10.2f} {m.np:10.0f}  {m.type}")
+            x = m(x)
+            if hasattr(m, "slots"):  # multi-output backbone fills layer indices 0-4
+                levels = [x[p] if p is not None else None for p in m.slots]
+                y.extend(t if j in self.save else None for j, t in enumerate(levels))
+                x = levels[-1]
+            else:
+                y.append(x if m.i in self.save else None)
+            if visualize:
+                from utils.plots import feature_visualization
+
+                feature_visualization(x, m.type, m.i, save_dir=visualize)
+        return x
+
+    def fuse(self) -> "BaseModel":
+        """Fold every re-parameterizable module (Conv+BN, multi-branch blocks) for inference, in place."""
+        LOGGER.info("Fusing layers... ")
+
+        def fold(module: nn.Module) -> None:
+            for child in module.children():
+                if hasattr(child, "reparameterize"):
+                    child.reparameterize()
+                fold(child)
+
+        fold(self)
+        self.info()
+        return self
+
+    def info(self, verbose: bool = False, img_size: int = 640):
+        return model_info(self, verbose, img_size)
+
+
+class DetectionModel(BaseModel):
+    """YOLOv5 detection model from a YAML path, a bare YAML name in models/, or a model dict."""
+
+    def __init__(self, cfg: str | Path | dict = "yolov5s.yaml", ch: int = 3, nc: int | None = None,
+                 anchors: int | list | None = None, extra_modules: dict[str, tuple[Callable, str]] | None = None):
+        super().__init__()
+        if isinstance(cfg, dict):
+            self.yaml, self.yaml_file = copy.deepcopy(cfg), "model.yaml"
+        else:
+            path = find_model_yaml(cfg)
+            self.yaml, self.yaml_file = yaml_load(path), path.name
+        source = self.yaml_file
+        ch = self.yaml["ch"] = self.yaml.get("ch", ch)
+        if nc is not None and nc != self.yaml.get("nc"):
+            LOGGER.info(f"Overriding {source} nc={self.yaml.get('nc')} with nc={nc}")
+            self.yaml["nc"] = nc
+        if anchors is not None:
+            LOGGER.info(f"Overriding {source} anchors with anchors={anchors}")
+            self.yaml["anchors"] = anchors if isinstance(anchors, list) else round(anchors)
+        self.model, self.save = parse_model(self.yaml, ch, source, extra_modules)
+        self.names = {i: f"class{i}" for i in range(self.yaml["nc"])}
+        self.inplace = self.yaml.get("inplace", True)
+        self.hyp: dict = {}
+
+        m = self.model[-1]
+        if not isinstance(m, Detect):
+            raise ModelConfigError(f"{source}: the last row must be a Detect head")
+        strides = self._measure_strides(ch, source)
+        m.stride.copy_(torch.tensor(strides, dtype=m.stride.dtype))
+        check_anchor_order(m)  # on pixel anchors, before converting them to grid units
+        m.anchors /= m.stride.view(-1, 1, 1)
+        self.stride = m.stride
+        self._initialize_biases(strides)
+        initialize_weights(self)
+        self.info()
+        LOGGER.info("")
+
+    def _measure_strides(self, ch: int, source: str) -> list[float]:
+        """Strides of the Detect inputs, from a forward pass of a blank image (eval mode, no side effects)."""
+        s = 128  # small but enough for stride 64 (P6) heads
+        was_training = self.training
+        self.eval()
+        m = self.model[-1]
+        try:
+            with torch.no_grad():
+                m.training = True  # raw maps, no decoding
+                outs = self.forward(torch.zeros(1, ch, s, s))
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            raise ModelConfigError(f"{source}: the layers do not fit together (a test forward failed: {e})") from None
+        finally:
+            self.train(was_training)
+        return [s / x.shape[-2] for x in outs]
+
+    def forward(self, x: torch.Tensor, augment: bool = False, profile: bool = False, visualize: bool | Path = False):
+        if augment:
+            return self._forward_augment(x)
+        return self._forward_once(x, profile, visualize)
+
+    def _forward_augment(self, x: torch.Tensor):
+        """Test-time augmentation: original, flipped-left-right at 0.83 and 0.67 scale; merged predictions."""
+        img_size = x.shape[-2:]
+        outputs = []
+        for scale, flip in zip((1, 0.83, 0.67), (None, 3, None)):
+            xi = scale_img(x.flip(flip) if flip else x, scale, gs=int(self.stride.max()))
+            yi = self._forward_once(xi)[0]
+            outputs.append(self._descale_pred(yi, flip, scale, img_size))
+        return torch.cat(self._clip_augmented(outputs), 1), None
+
+    def _descale_pred(self, p: torch.Tensor, flip: int | None, scale: float, img_size) -> torch.Tensor:
+        """Map predictions made on a scaled (and flipped) image back to the original image."""
+        p = p.clone()
+        p[..., :4] /= scale
+        if flip == 2:
+            p[..., 1] = img_size[0] - p[..., 1]
+        elif flip == 3:
+            p[..., 0] = img_size[1] - p[..., 0]
+        return p
+
+    def _clip_augmented(self, y: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Drop the smallest-object level from the full-size pass and the largest from the smallest pass."""
+        nl = self.model[-1].nl
+        g = sum(4**x for x in range(nl))
+        y[0] = y[0][:, : -(y[0].shape[1] // g)]
+        y[-1] = y[-1][:, (y[-1].shape[1] // g) * 4 ** (nl - 1):]
+        return y
+
+    def _initialize_biases(self, strides: list[float], class_freq: torch.Tensor | None = None) -> None:
+        """Prior-based bias init: about 8 objects per 640x640 image, class probability about 0.6 / nc."""
+        m = self.model[-1]
+        for conv, s in zip(m.m, strides):
+            b = conv.bias.view(m.na, -1)
+            b.data[:, 4] += math.log(8 / (640 / s) ** 2)
+            if class_freq is None:
+                b.data[:, 5: 5 + m.nc] += math.log(0.6 / (m.nc - 0.99999))
+            else:
+                b.data[:, 5: 5 + m.nc] += torch.log(class_freq / class_freq.sum())
+            conv.bias = nn.Parameter(b.view(-1), requires_grad=True)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Keep Detect's cached grids on the right device/dtype after .to() / .half()."""
+        self = super()._apply(fn, *args, **kwargs)
+        m = self.model[-1]
+        m.grid = [fn(g) for g in m.grid]
+        m.anchor_grid = [fn(g) for g in m.anchor_grid]
+        self.stride = m.stride
+        return self
+
+
+Model = DetectionModel  # upstream alias
+
+
+def check_anchor_order(m: Detect) -> None:
+    """Anchors must grow with stride; flip them when the YAML lists them the other way round."""
+    area = m.anchors.prod(-1).mean(-1).view(-1)
+    da, ds = area[-1] - area[0], m.stride[-1] - m.stride[0]
+    if da.device.type != "meta" and da and (da.sign() != ds.sign()):
+        LOGGER.info("AutoAnchor: Reversing anchor order")
+        m.anchors[:] = m.anchors.flip(0)
+
+
+def initialize_weights(model: nn.Module) -> None:
+    """Upstream's BatchNorm settings (eps 1e-3, momentum 0.03) and in-place activations."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps, m.momentum = 1e-3, 0.03
+        elif isinstance(m, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)):
+            m.inplace = True
+
+
+def find_model_yaml(cfg: str | Path) -> Path:
+    """A model YAML by path, or by bare name ('yolov5s', 'yolov5s.yaml') from models/ and its subfolders."""
+    path = Path(cfg)
+    if path.suffix not in (".yaml", ".yml"):
+        path = path.with_suffix(".yaml")
+    if path.is_file():
+        return path
+    candidates = [MODELS_DIR / path.name, *sorted(MODELS_DIR.rglob(path.name))]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise UserInputError(f"{cfg}: model YAML not found (looked at {path} and in {MODELS_DIR})")
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Build a YOLOv5 model from its YAML and print it")
+    parser.add_argument("--cfg", type=str, default="yolov5s.yaml", help="model.yaml")
+    parser.add_argument("--batch-size", type=int, default=1, help="total batch size for all GPUs")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--profile", action="store_true", help="profile model speed layer by layer")
+    parser.add_argument("--line-profile", action="store_true", help="alias of --profile")
+    parser.add_argument("--test", action="store_true", help="build every models/*.yaml")
+    return parser.parse_args(argv)
+
+
+def main(opt: argparse.Namespace) -> None:
+    device = select_device(opt.device)
+    if opt.test:
+        for cfg in sorted(MODELS_DIR.rglob("*.yaml")):
+            try:
+                DetectionModel(cfg)
+            except UserInputError as e:
+                LOGGER.error(f"ERROR: {e}")
+        return
+    model = DetectionModel(opt.cfg).to(device)
+    if opt.profile or opt.line_profile:
+        im = torch.rand(opt.batch_size, 3, opt.imgsz, opt.imgsz, device=device)
+        model.eval()(im, profile=True)
+
+
+if __name__ == "__main__":
+    set_logging()
+    try:
+        main(parse_opt())
+    except UserInputError as e:
+        LOGGER.error(f"ERROR: {e}")
+        sys.exit(2)

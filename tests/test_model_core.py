@@ -1,0 +1,196 @@
+"""Model core: YOLOv5 parity with upstream (counts, keys, outputs), YAML parsing, multi-output rows, folding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models.common import Conv
+from models.yolo import BackboneSlot, DetectionModel, ModelConfigError, find_model_yaml
+from tests.helpers import SHARED, fold_error, n_params, randomize_bn
+
+SIZES = ["yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"]
+
+
+@pytest.fixture(scope="module")
+def upstream_keys() -> dict:
+    return json.loads((SHARED / "fixtures" / "yolov5_state_dict_keys.json").read_text())
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_counts_keys_and_shapes_match_upstream(name, upstream_keys):
+    with torch.device("meta"):
+        model = DetectionModel(f"{name}.yaml")
+    ours = [[k, list(v.shape)] for k, v in model.state_dict().items()]
+    assert n_params(model) == upstream_keys[name]["params"]
+    assert ours == upstream_keys[name]["state_dict"]
+
+
+def test_upstream_reference_outputs_reproduced():
+    ref = torch.load(SHARED / "fixtures" / "yolov5n_nc3_reference.pt", weights_only=True)
+    for cfg in (ref["cfg"], "yolov5n.yaml"):  # upstream's own dict (with 'None' strings) and our YAML
+        model = DetectionModel(cfg, nc=3)
+        model.load_state_dict(ref["state_dict"], strict=True)
+        model.eval()
+        assert torch.equal(model.stride, ref["stride"])
+        with torch.no_grad():
+            pred, raw = model(ref["input"])
+        scale = ref["output_eval"].abs().max()
+        assert (pred - ref["output_eval"]).abs().max() <= 1e-4 * scale
+        for ours, theirs in zip(raw, ref["outputs_raw"]):
+            assert ours.shape == theirs.shape
+            assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_fuse_keeps_outputs(name):
+    torch.manual_seed(0)
+    model = randomize_bn(DetectionModel(f"{name}.yaml", nc=3))
+    err = fold_error(model, torch.rand(1, 3, 64, 96))
+    assert err < 1e-5
+
+
+def test_fuse_removes_batchnorm():
+    model = DetectionModel("yolov5n.yaml").fuse()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert all(m.conv.bias is not None for m in model.modules() if isinstance(m, Conv))
+
+
+class FourMaps(nn.Module):
+    """Test backbone returning four maps at strides 4, 8, 16, 32 (deliberately in shuffled order)."""
+
+    def __init__(self, c1: int, width: int = 8):
+        super().__init__()
+        chans = [width, 2 * width, 4 * width, 8 * width]
+        self.stem = Conv(c1, chans[0], 4, 4, 0)
+        self.stages = nn.ModuleList(Conv(a, b, 3, 2) for a, b in zip(chans, chans[1:]))
+
+    def forward(self, x):
+        outs = [self.stem(x)]
+        for stage in self.stages:
+            outs.append(stage(outs[-1]))
+        return [outs[2], outs[0], outs[3], outs[1]]
+
+
+class FiveMaps(nn.Module):
+    """Test backbone returning five maps at strides 2..32."""
+
+    def __init__(self, c1: int, width: int = 8):
+        super().__init__()
+        chans = [width * 2**i for i in range(5)]
+        self.layers = nn.ModuleList(Conv(a, b, 3, 2) for a, b in zip([c1] + chans, chans))
+
+    def forward(self, x):
+        outs = []
+        for layer in self.layers:
+            x = layer(x)
+            outs.append(x)
+        return outs
+
+
+def spliced_yaml(backbone: str, args: list) -> dict:
+    """The RevCol-style layout of ARCHITECTURES.md section 3: backbone at 0-4, SPPF at 5, head from 6."""
+    return {
+        "nc": 4, "depth_multiple": 0.33, "width_multiple": 0.25,
+        "anchors": [[10, 13, 16, 30, 33, 23], [30, 61, 62, 45, 59, 119], [116, 90, 156, 198, 373, 326]],
+        "backbone": [[-1, 1, backbone, args], [-1, 1, "SPPF", [1024, 5]]],
+        "head": [[-1, 1, "Conv", [512, 1, 1]], [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+                 [[-1, 3], 1, "Concat", [1]], [-1, 3, "C3", [512, False]],
+                 [-1, 1, "Conv", [256, 1, 1]], [-1, 1, "nn.Upsample", [None, 2, "nearest"]],
+                 [[-1, 2], 1, "Concat", [1]], [-1, 3, "C3", [256, False]],
+                 [-1, 1, "Conv", [256, 3, 2]], [[-1, 9], 1, "Concat", [1]], [-1, 3, "C3", [512, False]],
+                 [-1, 1, "Conv", [512, 3, 2]], [[-1, 5], 1, "Concat", [1]], [-1, 3, "C3", [1024, False]],
+                 [[13, 16, 19], 1, "Detect", ["nc", "anchors"]]],
+    }
+
+
+@pytest.mark.parametrize("ctor", [FourMaps, FiveMaps])
+def test_multi_output_backbone(ctor):
+    model = DetectionModel(spliced_yaml(ctor.__name__, [8]), extra_modules={ctor.__name__: (ctor, "backbone")})
+    assert isinstance(model.model[0], ctor)
+    assert all(isinstance(model.model[i], BackboneSlot) for i in range(1, 5))
+    assert model.model[5].i == 5 and model.model[-1].i == 20
+    assert model.save == [2, 3, 5, 9, 13, 16, 19]
+    assert model.stride.tolist() == [8, 16, 32]
+    expected_slots = [None, 1, 3, 0, 2] if ctor is FourMaps else [0, 1, 2, 3, 4]
+    assert model.model[0].slots == expected_slots
+    x = torch.rand(2, 3, 64, 96)
+    model.train()
+    raw = model(x)
+    assert [tuple(r.shape) for r in raw] == [(2, 3, 8, 12, 9), (2, 3, 4, 6, 9), (2, 3, 2, 3, 9)]
+    model.eval()
+    pred, _ = model(x)
+    assert pred.shape == (2, 3 * (8 * 12 + 4 * 6 + 2 * 3), 9)
+    assert fold_error(randomize_bn(model), x) < 1e-5
+
+
+def test_multi_output_backbone_with_timm_features():
+    timm = pytest.importorskip("timm")
+
+    def timm_resnet(c1: int, name: str, out_indices: list):
+        return timm.create_model(name, features_only=True, pretrained=False, in_chans=c1, out_indices=out_indices)
+
+    cfg = spliced_yaml("resnet_features", ["resnet18", [1, 2, 3, 4]])
+    model = DetectionModel(cfg, extra_modules={"resnet_features": (timm_resnet, "backbone")})
+    assert model.model[0].slots == [None, 0, 1, 2, 3]
+    model.eval()
+    pred, _ = model(torch.rand(1, 3, 64, 64))
+    assert pred.shape[-1] == 9 and torch.isfinite(pred).all()
+
+
+def test_bare_name_resolution_and_overrides(caplog):
+    assert find_model_yaml("yolov5s") == find_model_yaml("yolov5s.yaml")
+    with caplog.at_level("INFO", logger="yolov5"):
+        model = DetectionModel("yolov5n", nc=7, anchors=[[5, 6, 7, 8, 9, 10]] * 3)
+    assert model.model[-1].nc == 7
+    assert "Overriding yolov5n.yaml nc=80 with nc=7" in caplog.text
+    assert torch.allclose(model.model[-1].anchors[0, 0], torch.tensor([5 / 8, 6 / 8]))
+
+
+def test_activation_from_yaml():
+    cfg = DetectionModel("yolov5n.yaml").yaml
+    cfg["activation"] = "nn.LeakyReLU(0.1)"
+    model = DetectionModel(cfg)
+    acts = {type(m.act) for m in model.modules() if isinstance(m, Conv)}
+    assert acts == {nn.LeakyReLU}
+    cfg["activation"] = "__import__('os').system('true')"
+    with pytest.raises(ModelConfigError, match="activation"):
+        DetectionModel(cfg)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["backbone"].__setitem__(1, [-1, 1, "NoSuchBlock", [64]]), "backbone row 1 .*unknown module 'NoSuchBlock'"),
+    (lambda d: d["head"].__setitem__(2, [[-1, 40], 1, "Concat", [1]]), "head row 2 .*'from' index 40"),
+    (lambda d: d["head"].__setitem__(2, [[-1, 3], 1, "Concat", [1]]), "do not fit together"),
+    (lambda d: d.pop("head"), "missing or invalid 'head'"),
+    (lambda d: d.__setitem__("nc", "eighty"), "'nc' must be a positive integer"),
+    (lambda d: d["backbone"].__setitem__(0, [-1, 1, "Conv"]), r"backbone row 0 .*\[from, number, module, args\]"),
+])
+def test_bad_yaml_gives_one_line_error(mutate, message):
+    cfg = DetectionModel("yolov5n.yaml").yaml
+    mutate(cfg)
+    with pytest.raises(ModelConfigError, match=message) as info:
+        DetectionModel(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_tta_forward():
+    model = DetectionModel("yolov5n.yaml", nc=2).eval()
+    with torch.no_grad():
+        pred, _ = model(torch.rand(1, 3, 64, 64), augment=True)
+    assert pred.dim() == 3 and pred.shape[-1] == 7 and pred.shape[1] > 0
+
+
+def test_cli_prints_summary():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    out = subprocess.run([sys.executable, "models/yolo.py", "--cfg", "yolov5n.yaml"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "YOLOv5n summary:" in out.stdout and "1872157 parameters" in out.stdout

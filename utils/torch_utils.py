@@ -1,0 +1,141 @@
+"""PyTorch helpers: devices, seeding, model summaries, FLOP counting, timing."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from utils.general import LOGGER, UserInputError
+
+
+def select_device(device: str = "", batch_size: int = 0) -> torch.device:
+    """'' (CUDA if available else CPU), 'cpu', '0', '0,1' or 'cuda:0' -> torch.device, logging what was chosen."""
+    spec = str(device).strip().lower().replace("cuda:", "").replace("none", "")
+    if spec == "cpu" or (spec == "" and not torch.cuda.is_available()):
+        LOGGER.info(f"YOLOv5 torch-{torch.__version__} CPU ({torch.get_num_threads()} threads)")
+        return torch.device("cpu")
+    if spec in ("mps",):
+        return torch.device("mps")
+    if not torch.cuda.is_available():
+        raise UserInputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    ids = [int(x) for x in spec.split(",")] if spec else [0]
+    bad = [i for i in ids if i >= torch.cuda.device_count()]
+    if bad:
+        raise UserInputError(f"--device {device}: no CUDA device {bad[0]} (found {torch.cuda.device_count()})")
+    if len(ids) > 1 and batch_size and batch_size % len(ids):
+        raise UserInputError(f"--batch-size {batch_size} must be a multiple of the GPU count {len(ids)}")
+    local_rank = int(os.getenv("LOCAL_RANK", -1))
+    index = local_rank if local_rank >= 0 else ids[0]
+    props = torch.cuda.get_device_properties(index)
+    LOGGER.info(f"YOLOv5 torch-{torch.__version__} CUDA:{index} ({props.name}, {props.total_memory / 2**20:.0f}MiB)")
+    return torch.device("cuda", index)
+
+
+def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch (all devices); optionally ask for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+
+
+def time_sync() -> float:
+    """time.perf_counter() after waiting for pending CUDA work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def de_parallel(model: nn.Module) -> nn.Module:
+    """The bare model inside DataParallel / DistributedDataParallel."""
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs (multiply and add counted separately) of one forward pass, from PyTorch's FlopCounterMode."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def model_gflops(model: nn.Module, imgsz: int | list = 640) -> float | None:
+    """GFLOPs at ``imgsz``: counted on a stride-sized input and scaled by area, like upstream's printout."""
+    imgsz = [imgsz, imgsz] if isinstance(imgsz, int) else imgsz
+    p = next(model.parameters())
+    if p.device.type == "meta":
+        return None
+    stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
+    ch = getattr(model, "yaml", {}).get("ch", 3)
+    was_training = model.training
+    try:
+        flops = count_flops(model.eval(), torch.zeros(1, ch, stride, stride, device=p.device, dtype=p.dtype))
+    except (RuntimeError, ValueError, TypeError, NotImplementedError):
+        return None
+    finally:
+        model.train(was_training)
+    return flops / 1e9 * imgsz[0] / stride * imgsz[1] / stride
+
+
+def model_info(model: nn.Module, verbose: bool = False, imgsz: int | list = 640) -> tuple[int, int, int, float | None]:
+    """Log 'NAME summary: L layers, P parameters, G gradients, F GFLOPs' and return those figures."""
+    n_p = sum(x.numel() for x in model.parameters())
+    n_g = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    n_l = len(list(model.modules()))
+    if verbose:
+        LOGGER.info(f"{'layer':>5} {'name':>40} {'gradient':>9} {'parameters':>12} {'shape':>20} {'mu':>10} {'sigma':>10}")
+        for i, (name, p) in enumerate(model.named_parameters()):
+            LOGGER.info(f"{i:5g} {name:>40} {str(p.requires_grad):>9} {p.numel():12g} {str(list(p.shape)):>20} "
+                        f"{p.mean():10.3g} {p.std() if p.numel() > 1 else 0:10.3g} {p.dtype}")
+    gflops = model_gflops(model, imgsz)
+    fs = f", {gflops:.1f} GFLOPs" if gflops is not None else ""
+    name = getattr(model, "yaml_file", "") or "Model"
+    name = os.path.splitext(os.path.basename(str(name)))[0].replace("yolov5", "YOLOv5")
+    LOGGER.info(f"{name} summary: {n_l} layers, {n_p} parameters, {n_g} gradients{fs}")
+    return n_l, n_p, n_g, gflops
+
+
+def profile_layer(m: nn.Module, x, runs: int = 10) -> tuple[float, float]:
+    """(milliseconds per forward, GFLOPs) of one layer on input ``x``."""
+    flops = count_flops(m, x)
+    with torch.no_grad():
+        m(x)
+        t0 = time_sync()
+        for _ in range(runs):
+            m(x)
+        dt = (time_sync() - t0) / runs * 1e3
+    return dt, flops / 1e9
+
+
+@contextmanager
+def torch_distributed_zero_first(local_rank: int):
+    """Let rank 0 do something (e.g. caching a dataset) while the other ranks wait at a barrier."""
+    if local_rank not in {-1, 0}:
+        torch.distributed.barrier()
+    yield
+    if local_rank == 0:
+        torch.distributed.barrier()
+
+
+def scale_img(img: torch.Tensor, ratio: float = 1.0, same_shape: bool = False, gs: int = 32) -> torch.Tensor:
+    """Resize a batch by ``ratio`` and pad (value 0.447, the ImageNet mean) to a multiple of ``gs``."""
+    if ratio == 1.0:
+        return img
+    h, w = img.shape[2:]
+    size = (int(h * ratio), int(w * ratio))
+    img = nn.functional.interpolate(img, size=size, mode="bilinear", align_corners=False)
+    if not same_shape:
+        h, w = (math.ceil(x * ratio / gs) * gs for x in (h, w))
+    return nn.functional.pad(img, [0, w - size[1], 0, h - size[0]], value=0.447)
