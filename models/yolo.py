@@ -201,7 +201,8 @@ def _measure_levels(module: nn.Module, c1: int, where: str) -> tuple[list[int | 
 
 
 def parse_model(d: dict, ch: int, source: str = "model.yaml",
-                extra_modules: dict[str, tuple[Callable, str]] | None = None) -> tuple[nn.Sequential, list[int]]:
+                extra_modules: dict[str, tuple[Callable, str]] | None = None,
+                verbose: bool = True) -> tuple[nn.Sequential, list[int]]:
     """Build the layers of a model dict (the YAML). Returns (layers, sorted indices whose outputs later rows use).
 
     ``extra_modules`` adds user-defined YAML names, {name: (constructor, kind)}, to the registry.
@@ -222,7 +223,8 @@ def parse_model(d: dict, ch: int, source: str = "model.yaml",
     registry = {**module_registry(), **(extra_modules or {})}
     symbols = {"nc": nc, "anchors": anchors, "None": None}
 
-    LOGGER.info(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
+    log = LOGGER.info if verbose else (lambda *_: None)
+    log(f"\n{'':>3}{'from':>18}{'n':>3}{'params':>10}  {'module':<40}{'arguments':<30}")
     layers: list[nn.Module] = []
     chans: list[int | None] = []  # output channels per layer index (None: empty backbone slot)
     save: set[int] = set()
@@ -266,7 +268,7 @@ def parse_model(d: dict, ch: int, source: str = "model.yaml",
             layers.append(module)
             chans.append(c2)
             idx = str(i)
-        LOGGER.info(f"{idx:>3}{str(f):>18}{n_:>3}{module.np:10.0f}  {module.type:<40}{str(args):<30}")
+        log(f"{idx:>3}{str(f):>18}{n_:>3}{module.np:10.0f}  {module.type:<40}{str(args):<30}")
     return nn.Sequential(*layers), sorted(save)
 
 
@@ -367,7 +369,8 @@ class DetectionModel(BaseModel):
     """YOLOv5 detection model from a YAML path, a bare YAML name in models/, or a model dict."""
 
     def __init__(self, cfg: str | Path | dict = "yolov5s.yaml", ch: int = 3, nc: int | None = None,
-                 anchors: int | list | None = None, extra_modules: dict[str, tuple[Callable, str]] | None = None):
+                 anchors: int | list | None = None, extra_modules: dict[str, tuple[Callable, str]] | None = None,
+                 verbose: bool = True):
         super().__init__()
         if isinstance(cfg, dict):
             self.yaml, self.yaml_file = copy.deepcopy(cfg), "model.yaml"
@@ -382,7 +385,7 @@ class DetectionModel(BaseModel):
         if anchors is not None:
             LOGGER.info(f"Overriding {source} anchors with anchors={anchors}")
             self.yaml["anchors"] = anchors if isinstance(anchors, list) else round(anchors)
-        self.model, self.save = parse_model(self.yaml, ch, source, extra_modules)
+        self.model, self.save = parse_model(self.yaml, ch, source, extra_modules, verbose)
         self.names = {i: f"class{i}" for i in range(self.yaml["nc"])}
         self.inplace = self.yaml.get("inplace", True)
         self.hyp: dict = {}
@@ -397,8 +400,9 @@ class DetectionModel(BaseModel):
         self.stride = m.stride
         self._initialize_biases(strides)
         initialize_weights(self)
-        self.info()
-        LOGGER.info("")
+        if verbose:
+            self.info()
+            LOGGER.info("")
 
     def _measure_strides(self, ch: int, source: str) -> list[float]:
         """Strides of the Detect inputs, from a forward pass of a blank image (eval mode, no side effects)."""

@@ -139,3 +139,90 @@ def scale_img(img: torch.Tensor, ratio: float = 1.0, same_shape: bool = False, g
     if not same_shape:
         h, w = (math.ceil(x * ratio / gs) * gs for x in (h, w))
     return nn.functional.pad(img, [0, w - size[1], 0, h - size[0]], value=0.447)
+
+
+def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.001, momentum: float = 0.9, decay: float = 1e-5,
+                    no_decay: set[int] | None = None) -> torch.optim.Optimizer:
+    """Optimizer with upstream's three parameter groups: 0 biases, 1 weights with decay, 2 norm weights without.
+
+    ``no_decay`` holds ids of further weights to keep out of weight decay (e.g. those under a custom L2 penalty).
+    """
+    biases, decayed, undecayed = [], [], []
+    for module in model.modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            if p_name == "bias":
+                biases.append(p)
+            elif (p_name == "weight" and "Norm" in type(module).__name__) or id(p) in (no_decay or set()):
+                undecayed.append(p)
+            else:
+                decayed.append(p)
+    if name == "Adam":
+        optimizer = torch.optim.Adam(biases, lr=lr, betas=(momentum, 0.999))
+    elif name == "AdamW":
+        optimizer = torch.optim.AdamW(biases, lr=lr, betas=(momentum, 0.999), weight_decay=0.0)
+    elif name == "RMSProp":
+        optimizer = torch.optim.RMSprop(biases, lr=lr, momentum=momentum)
+    elif name == "SGD":
+        optimizer = torch.optim.SGD(biases, lr=lr, momentum=momentum, nesterov=True)
+    else:
+        raise UserInputError(f"--optimizer {name}: expected SGD, Adam, AdamW or RMSProp")
+    optimizer.add_param_group({"params": decayed, "weight_decay": decay})
+    optimizer.add_param_group({"params": undecayed, "weight_decay": 0.0})
+    LOGGER.info(f"optimizer: {type(optimizer).__name__}(lr={lr}) with parameter groups {len(undecayed)} "
+                f"weight(decay=0.0), {len(decayed)} weight(decay={decay}), {len(biases)} bias")
+    return optimizer
+
+
+class ModelEMA(torch.optim.swa_utils.AveragedModel):
+    """Exponential moving average of a model's weights and buffers, with upstream's warm-up ramp:
+    decay = d * (1 - exp(-updates / tau)), so early updates follow the model closely."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
+        def ema_update(ema_tensors: list, model_tensors: list, num_averaged) -> None:
+            if not ema_tensors[0].is_floating_point():  # e.g. num_batches_tracked: copied
+                for e, m in zip(ema_tensors, model_tensors):
+                    e.copy_(m)
+                return
+            d = decay * (1 - math.exp(-(int(num_averaged) + 1) / tau))
+            torch._foreach_lerp_(ema_tensors, model_tensors, 1 - d)
+
+        super().__init__(de_parallel(model), multi_avg_fn=ema_update, use_buffers=True)
+        self.n_averaged.fill_(updates)
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.update_parameters(de_parallel(model))
+
+    @property
+    def updates(self) -> int:
+        return int(self.n_averaged)
+
+    @property
+    def ema(self) -> nn.Module:
+        return self.module
+
+
+class EarlyStopping:
+    """Stop when fitness has not improved for ``patience`` epochs."""
+
+    def __init__(self, patience: int = 30):
+        self.best_fitness = 0.0
+        self.best_epoch = 0
+        self.patience = patience or float("inf")
+        self.possible_stop = False
+
+    def __call__(self, epoch: int, fitness: float) -> bool:
+        if fitness >= self.best_fitness:
+            self.best_epoch, self.best_fitness = epoch, fitness
+        delta = epoch - self.best_epoch
+        self.possible_stop = delta >= self.patience - 1
+        stop = delta >= self.patience
+        if stop:
+            LOGGER.info(f"Stopping training early as no improvement observed in last {self.patience} epochs. "
+                        f"Best results observed at epoch {self.best_epoch}, best model saved as best.pt.\n"
+                        f"To update EarlyStopping(patience={self.patience}) pass a new patience value, "
+                        f"i.e. `python train.py --patience 300` or use `--patience 0` to disable EarlyStopping.")
+        return stop

@@ -1,0 +1,527 @@
+"""Train a YOLOv5 detector (any model YAML in models/, including the re-parameterized backbones) on a dataset.
+
+Usage:
+    python train.py --cfg yolov5n.yaml --img 320 --epochs 30            # embedded default dataset (data/shapes.yaml)
+    python train.py --cfg yolov5_RepLKNet.yaml --data my_data.yaml       # any model YAML, by name or path
+    python train.py --weights runs/train/exp/weights/best.pt --data BCCD.yaml   # fine-tune
+    python train.py --resume                                             # continue the latest interrupted run
+    torchrun --nproc_per_node 2 train.py --cfg yolov5s.yaml --batch 32   # DistributedDataParallel
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import yaml
+from torch.optim import lr_scheduler
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import val as validate  # noqa: E402
+from models.yolo import DetectionModel, find_model_yaml  # noqa: E402
+from utils.autoanchor import check_anchors  # noqa: E402
+from utils.checkpoint import (  # noqa: E402
+    build_model, load_checkpoint, make_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state,
+    strip_optimizer,
+)
+from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.datasets_check import check_dataset  # noqa: E402
+from utils.general import (  # noqa: E402
+    LOGGER, UserInputError, check_img_size, colorstr, increment_path, print_args, set_logging, yaml_load, yaml_save,
+)
+from utils.loss import ComputeLoss  # noqa: E402
+from utils.metrics import fitness  # noqa: E402
+from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
+from utils.torch_utils import (  # noqa: E402
+    EarlyStopping, ModelEMA, de_parallel, init_seeds, select_device, smart_optimizer, torch_distributed_zero_first,
+)
+
+LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
+RANK = int(os.getenv("RANK", -1))
+WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
+TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
+RESULT_KEYS = ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
+               "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
+               "x/lr0", "x/lr1", "x/lr2")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+def write_results_csv(file: Path, epoch: int, values: list[float]) -> None:
+    """Append one epoch to results.csv in upstream's layout (right-aligned 20-wide columns)."""
+    header = "" if file.exists() else ("%20s," * (len(values) + 1) % ("epoch", *RESULT_KEYS)).rstrip(",") + "\n"
+    with open(file, "a") as f:
+        f.write(header + ("%20.5g," * (len(values) + 1) % (epoch, *values)).rstrip(",") + "\n")
+
+
+def transfer_weights(model: nn.Module, state: dict, exclude: tuple = ()) -> int:
+    """Load the entries of ``state`` whose names and shapes match ``model``; returns how many were loaded."""
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items()
+               if k in own and v.shape == own[k].shape and not any(x in k for x in exclude)}
+    model.load_state_dict(matched, strict=False)
+    return len(matched)
+
+
+def build_train_model(opt, hyp: dict, nc: int, device: torch.device) -> tuple[nn.Module, dict | None]:
+    """The model to train: from --cfg, or from --weights (fine-tuning / resuming). Returns (model, checkpoint)."""
+    if not str(opt.weights).endswith(".pt"):
+        if not opt.cfg:
+            raise UserInputError("pass --cfg (a model YAML such as yolov5s.yaml) or --weights (a .pt checkpoint)")
+        return DetectionModel(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors")).to(device), None
+    ckpt = load_checkpoint(opt.weights)
+    if opt.resume:
+        return build_model(ckpt, use_ema=False).to(device), ckpt
+    model = DetectionModel(opt.cfg or ckpt["yaml"], ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
+    exclude = ("anchor",) if (opt.cfg or hyp.get("anchors")) else ()
+    state = ckpt.get("ema") or ckpt["model"]
+    n = transfer_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, exclude)
+    LOGGER.info(f"Transferred {n}/{len(model.state_dict())} items from {opt.weights}")
+    return model, ckpt
+
+
+def freeze_layers(model: nn.Module, freeze: list[int]) -> None:
+    """--freeze 10 freezes layers 0-9; --freeze 0 1 2 freezes those layer indices."""
+    prefixes = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
+    for k, v in model.named_parameters():
+        v.requires_grad = not any(k.startswith(p) for p in prefixes)
+        if not v.requires_grad:
+            LOGGER.info(f"freezing {k}")
+
+
+def custom_l2_setup(model: nn.Module) -> tuple[set[int], callable]:
+    """RepVGG's custom L2 on equivalent kernels: (ids of weights it replaces weight decay for, penalty function)."""
+    from models.modules import repvgg
+
+    return repvgg.custom_l2_parameter_ids(model), repvgg.repvgg_custom_l2
+
+
+def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
+    save_dir, epochs, batch_size = Path(opt.save_dir), opt.epochs, opt.batch_size
+    weights_dir = save_dir / "weights"
+    last, best = weights_dir / "last.pt", weights_dir / "best.pt"
+    plots = not opt.evolve and not opt.noplots
+    main_process = RANK in {-1, 0}
+    if main_process:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
+    opt.hyp = hyp.copy()
+    init_seeds(opt.seed + 1 + RANK, deterministic=True)
+
+    with torch_distributed_zero_first(LOCAL_RANK):
+        data_dict = check_dataset(opt.data)
+    train_path, val_path = data_dict["train"], data_dict["val"]
+    nc = 1 if opt.single_cls else int(data_dict["nc"])
+    names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
+
+    model, ckpt = build_train_model(opt, hyp, nc, device)
+    freeze_layers(model, opt.freeze)
+    gs = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+
+    nbs = 64  # nominal batch size
+    accumulate = max(round(nbs / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / nbs
+    l2_ids, l2_penalty = custom_l2_setup(model) if opt.custom_l2 else (set(), None)
+    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"], l2_ids)
+
+    if opt.cos_lr:
+        def lf(x):
+            return ((1 - math.cos(x * math.pi / epochs)) / 2) * (hyp["lrf"] - 1) + 1
+    else:
+        def lf(x):
+            return (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]
+    scheduler = lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    ema = ModelEMA(model) if main_process else None
+
+    best_fitness, start_epoch = 0.0, 0
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    if opt.resume:
+        best_fitness, start_epoch = resume_state(ckpt, optimizer, scheduler, scaler, ema, epochs, opt.weights)
+    del ckpt
+
+    cuda = device.type == "cuda"
+    if opt.sync_bn and RANK != -1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+        LOGGER.info("Using SyncBatchNorm()")
+
+    train_loader, dataset = create_dataloader(
+        train_path, imgsz, batch_size // WORLD_SIZE, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
+        rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
+        prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=nc)
+    labels = np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5))
+    if len(labels) and int(labels[:, 0].max()) >= nc:
+        raise UserInputError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
+
+    val_loader = None
+    if main_process:
+        val_loader = create_dataloader(
+            val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, opt.single_cls, hyp=hyp,
+            cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
+            prefix=colorstr("val: "), nc=nc)[0]
+        if not opt.resume:
+            if not opt.noautoanchor:
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz, seed=opt.seed)
+                if ema:
+                    ema.module.model[-1].anchors.copy_(model.model[-1].anchors)
+            model.half().float()  # pre-reduce anchor precision as upstream
+            if plots:
+                plot_labels(labels, names, save_dir)
+
+    if RANK != -1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None,
+                                                    output_device=LOCAL_RANK if cuda else None)
+
+    nl = de_parallel(model).model[-1].nl
+    hyp["box"] *= 3 / nl
+    hyp["cls"] *= nc / 80 * 3 / nl
+    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
+    hyp["label_smoothing"] = opt.label_smoothing
+    bare = de_parallel(model)
+    bare.nc, bare.hyp, bare.names = nc, hyp, names
+    bare.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
+    if ema:
+        ema.module.names = names
+
+    t0 = time.time()
+    nb = len(train_loader)
+    nw = max(round(hyp["warmup_epochs"] * nb), 100)
+    last_opt_step = -1
+    maps = np.zeros(nc)
+    results = (0, 0, 0, 0, 0, 0, 0)
+    scheduler.last_epoch = start_epoch - 1
+    stopper, stop = EarlyStopping(patience=opt.patience), False
+    compute_loss = ComputeLoss(model)
+    LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\n"
+                f"Using {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
+                f"Logging results to {colorstr('bold', save_dir)}\n"
+                f"Starting training for {epochs} epochs...")
+    tb = tensorboard_writer(save_dir) if main_process and not opt.evolve else None
+    epoch = start_epoch
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        if opt.image_weights:
+            cw = bare.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
+            iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
+            dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
+        mloss = torch.zeros(3, device=device)
+        if RANK != -1:
+            train_loader.sampler.set_epoch(epoch)
+        pbar = enumerate(train_loader)
+        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
+        if main_process:
+            pbar = tqdm(pbar, total=nb, bar_format=TQDM_BAR_FORMAT)
+        optimizer.zero_grad()
+        for i, (imgs, targets, paths, _) in pbar:
+            ni = i + nb * epoch
+            imgs = imgs.to(device, non_blocking=True).float() / 255
+            if ni <= nw:  # warmup: bias lr falls from warmup_bias_lr to lr0, the others rise from 0
+                accumulate = max(1, int(np.interp(ni, [0, nw], [1, nbs / batch_size]).round()))
+                for j, group in enumerate(optimizer.param_groups):
+                    group["lr"] = np.interp(ni, [0, nw], [hyp["warmup_bias_lr"] if j == 0 else 0.0,
+                                                          group["initial_lr"] * lf(epoch)])
+                    if "momentum" in group:
+                        group["momentum"] = np.interp(ni, [0, nw], [hyp["warmup_momentum"], hyp["momentum"]])
+            if opt.multi_scale:
+                imgs = random_rescale(imgs, imgsz, gs)
+            with torch.autocast(device.type, enabled=amp):
+                pred = model(imgs)
+                loss, loss_items = compute_loss(pred, targets.to(device))
+                if l2_penalty is not None:
+                    loss = loss + hyp["weight_decay"] * 0.5 * l2_penalty(bare) * batch_size
+                if RANK != -1:
+                    loss *= WORLD_SIZE
+                if opt.quad:
+                    loss *= 4.0
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, batch {i} "
+                                         f"(box, obj, cls = {loss_items.tolist()})")
+            scaler.scale(loss).backward()
+            if ni - last_opt_step >= accumulate:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+                if ema:
+                    ema.update(model)
+                last_opt_step = ni
+            if main_process:
+                mloss = (mloss * i + loss_items) / (i + 1)
+                mem = f"{torch.cuda.memory_reserved() / 1e9 if cuda else 0:.3g}G"
+                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
+                    f"{epoch}/{epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))
+                if plots and ni < 3:
+                    plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
+
+        lr = [x["lr"] for x in optimizer.param_groups]
+        scheduler.step()
+        if main_process:
+            final_epoch = epoch + 1 == epochs or stopper.possible_stop
+            if not opt.noval or final_epoch:
+                results, maps, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+                                                half=amp, model=ema.ema, single_cls=opt.single_cls,
+                                                dataloader=val_loader, save_dir=save_dir, plots=False,
+                                                compute_loss=compute_loss)
+            fi = float(fitness(np.array(results).reshape(1, -1))[0])
+            stop = stopper(epoch=epoch, fitness=fi)
+            best_fitness = max(best_fitness, fi)
+            values = [float(x) for x in (*mloss.tolist(), *results, *lr)]
+            write_results_csv(save_dir / "results.csv", epoch, values)
+            if tb:
+                for k, v in zip(RESULT_KEYS, values):
+                    tb.add_scalar(k, v, epoch)
+            if not opt.nosave or (final_epoch and not opt.evolve):
+                ckpt = make_checkpoint(
+                    bare, ema=model_state(ema.ema), updates=ema.updates, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
+                    best_fitness=best_fitness, train_args=vars(opt), hyp=opt.hyp, rng=rng_state())
+                save_checkpoint(ckpt, last)
+                if best_fitness == fi:
+                    save_checkpoint(ckpt, best)
+                if opt.save_period > 0 and epoch % opt.save_period == 0:
+                    save_checkpoint(ckpt, weights_dir / f"epoch{epoch}.pt")
+                del ckpt
+        if RANK != -1:  # every rank stops together
+            flag = [stop]
+            dist.broadcast_object_list(flag, 0)
+            stop = flag[0]
+        if stop:
+            break
+
+    if main_process:
+        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        for f in (last, best):
+            if f.exists():
+                strip_optimizer(f)
+        if best.exists() and not opt.evolve:
+            LOGGER.info(f"\nValidating {best}...")
+            results, _, _ = validate.run(data_dict, weights=best, batch_size=batch_size // WORLD_SIZE * 2,
+                                         imgsz=imgsz, iou_thres=0.6, single_cls=opt.single_cls, verbose=True,
+                                         plots=plots, project=save_dir.parent, name=save_dir.name, exist_ok=True,
+                                         device=str(device.index if cuda else "cpu"))
+        if plots:
+            plot_results(file=save_dir / "results.csv")
+        if tb:
+            tb.close()
+        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
+    torch.cuda.empty_cache()
+    return results
+
+
+def resume_state(ckpt: dict, optimizer, scheduler, scaler, ema, epochs: int, weights) -> tuple[float, int]:
+    """Restore optimizer, scheduler, scaler, EMA and RNG states; returns (best fitness, first epoch to run)."""
+    if ckpt.get("optimizer") is None:
+        raise UserInputError(f"{weights}: training state was stripped (finished run); nothing to resume")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.n_averaged.fill_(ckpt["updates"])
+    if ckpt.get("rng"):
+        set_rng_state(ckpt["rng"])
+    start_epoch = ckpt["epoch"] + 1
+    if start_epoch >= epochs:
+        raise UserInputError(f"{weights}: training to {epochs} epochs is finished, nothing to resume")
+    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
+    return float(ckpt.get("best_fitness", 0.0)), start_epoch
+
+
+def random_rescale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
+    """--multi-scale: resize the batch to a random size in [0.5, 1.5] x imgsz, a multiple of the stride."""
+    size = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
+    factor = size / max(imgs.shape[2:])
+    if factor == 1:
+        return imgs
+    shape = [math.ceil(x * factor / gs) * gs for x in imgs.shape[2:]]
+    return nn.functional.interpolate(imgs, size=shape, mode="bilinear", align_corners=False)
+
+
+def labels_to_class_weights(labels: list[np.ndarray], nc: int = 80) -> torch.Tensor:
+    """Inverse-frequency class weights (normalised to sum 1) from the training labels."""
+    if not labels or not any(len(x) for x in labels):
+        return torch.ones(nc) / nc
+    classes = np.concatenate(labels, 0)[:, 0].astype(int)
+    counts = np.bincount(classes, minlength=nc).astype(float)
+    counts[counts == 0] = 1
+    weights = 1 / counts
+    return torch.from_numpy(weights / weights.sum()).float()
+
+
+def labels_to_image_weights(labels: list[np.ndarray], nc: int = 80, class_weights: np.ndarray | None = None):
+    """Per-image sampling weight: sum of its labels' class weights (--image-weights)."""
+    class_weights = np.ones(nc) if class_weights is None else class_weights
+    counts = np.array([np.bincount(x[:, 0].astype(int), minlength=nc) for x in labels])
+    return (class_weights.reshape(1, nc) * counts).sum(1)
+
+
+def tensorboard_writer(save_dir: Path):
+    """A TensorBoard SummaryWriter in save_dir, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        LOGGER.info("TensorBoard not installed: no event files written")
+        return None
+    LOGGER.info(f"TensorBoard: Start with 'tensorboard --logdir {save_dir.parent}', view at http://localhost:6006/")
+    return SummaryWriter(str(save_dir))
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", type=str, default="", help="initial weights path (our .pt or upstream's)")
+    parser.add_argument("--cfg", type=str, default="", help="model.yaml path or name in models/")
+    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="dataset.yaml path")
+    parser.add_argument("--hyp", type=str, default=ROOT / "data/hyps/hyp.scratch-low.yaml", help="hyperparameters path")
+    parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
+    parser.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
+    parser.add_argument("--rect", action="store_true", help="rectangular training")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training")
+    parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
+    parser.add_argument("--noval", action="store_true", help="only validate final epoch")
+    parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
+    parser.add_argument("--noplots", action="store_true", help="save no plot files")
+    parser.add_argument("--evolve", type=int, nargs="?", const=300, help="evolve hyperparameters for x generations")
+    parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
+    parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    parser.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW", "RMSProp"], default="SGD",
+                        help="optimizer")
+    parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
+    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
+    parser.add_argument("--project", default=ROOT / "runs/train", help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--quad", action="store_true", help="quad dataloader")
+    parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="Label smoothing epsilon")
+    parser.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    parser.add_argument("--freeze", nargs="+", type=int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
+    parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
+    parser.add_argument("--seed", type=int, default=0, help="Global training seed")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
+    parser.add_argument("--custom-l2", action="store_true",
+                        help="RepVGG custom L2 on equivalent kernels instead of weight decay on RepVGG blocks")
+    return parser.parse_args(argv)
+
+
+def latest_run(search_dir: Path = ROOT / "runs") -> Path:
+    """The most recently written last.pt under runs/."""
+    candidates = list(Path(search_dir).rglob("last*.pt"))
+    if not candidates:
+        raise UserInputError(f"--resume: no last.pt found under {search_dir}; pass the checkpoint path")
+    return max(candidates, key=os.path.getmtime)
+
+
+def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
+    """--resume [path]: restore the run's options from its checkpoint and point --weights at it."""
+    last = Path(opt.resume) if isinstance(opt.resume, str) else latest_run()
+    ckpt = load_checkpoint(last)
+    if not ckpt.get("train_args"):
+        raise UserInputError(f"{last}: this checkpoint holds no training options; cannot resume it")
+    args = argparse.Namespace(**ckpt["train_args"])
+    args.weights, args.resume, args.cfg, args.hyp = str(last), True, "", ckpt.get("hyp") or args.hyp
+    args.save_dir = str(last.parent.parent)
+    LOGGER.info(f"Resuming training from {last}")
+    return args
+
+
+def load_hyp(hyp) -> dict:
+    hyp = dict(hyp) if isinstance(hyp, dict) else yaml_load(find_hyp(hyp))
+    missing = [k for k in ("lr0", "lrf", "momentum", "weight_decay", "box", "cls", "obj", "anchor_t") if k not in hyp]
+    if missing:
+        raise UserInputError(f"hyperparameters: missing key '{missing[0]}'")
+    return hyp
+
+
+def find_hyp(path) -> Path:
+    p = Path(path)
+    for c in (p, ROOT / "data/hyps" / p.name):
+        if c.is_file():
+            return c
+    raise UserInputError(f"{path}: hyperparameter file not found")
+
+
+def main(opt: argparse.Namespace) -> None:
+    if opt.resume and not opt.evolve:
+        opt = prepare_resume(opt)
+    else:
+        if opt.cfg:
+            opt.cfg = str(find_model_yaml(opt.cfg))
+        if opt.evolve:
+            opt.project = str(ROOT / "runs/evolve") if str(opt.project) == str(ROOT / "runs/train") else opt.project
+            opt.exist_ok, opt.resume = opt.resume, False
+        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+    if RANK in {-1, 0}:
+        print_args(vars(opt), "train")
+
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    if LOCAL_RANK != -1:
+        if opt.evolve or opt.image_weights:
+            raise UserInputError("--evolve and --image-weights are not compatible with DDP training")
+        if opt.batch_size % WORLD_SIZE:
+            raise UserInputError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
+        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(LOCAL_RANK)
+            device = torch.device("cuda", LOCAL_RANK)
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=10800))
+    elif "," in str(opt.device):
+        raise UserInputError(f"--device {opt.device}: several devices need torchrun, e.g. "
+                             f"torchrun --nproc_per_node {len(str(opt.device).split(','))} train.py --device {opt.device} ...")
+
+    try:
+        if not opt.evolve:
+            train(load_hyp(opt.hyp), opt, device)
+        else:
+            from utils.evolve import evolve
+
+            evolve(opt, device, load_hyp(opt.hyp), train)
+    finally:
+        if WORLD_SIZE > 1 and RANK == 0 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(**kwargs) -> argparse.Namespace:
+    """Programmatic entry: train.run(data='shapes.yaml', cfg='yolov5n.yaml', imgsz=320, epochs=3)."""
+    opt = parse_opt([])
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    main(opt)
+    return opt
+
+
+if __name__ == "__main__":
+    set_logging()
+    try:
+        main(parse_opt())
+    except (UserInputError, yaml.YAMLError) as e:
+        LOGGER.error(f"ERROR: {e}")
+        sys.exit(2)
+    except NonFiniteLossError as e:
+        LOGGER.error(f"ERROR: training stopped: {e}. The last good checkpoint (if any) is kept in weights/last.pt; "
+                     "try a lower --hyp lr0, or check the labels.")
+        sys.exit(3)
