@@ -237,10 +237,10 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             if ni <= nw:  # warmup: bias lr falls from warmup_bias_lr to lr0, the others rise from 0
                 accumulate = max(1, int(np.interp(ni, [0, nw], [1, nbs / batch_size]).round()))
                 for j, group in enumerate(optimizer.param_groups):
-                    group["lr"] = np.interp(ni, [0, nw], [hyp["warmup_bias_lr"] if j == 0 else 0.0,
-                                                          group["initial_lr"] * lf(epoch)])
+                    group["lr"] = float(np.interp(ni, [0, nw], [hyp["warmup_bias_lr"] if j == 0 else 0.0,
+                                                                group["initial_lr"] * lf(epoch)]))
                     if "momentum" in group:
-                        group["momentum"] = np.interp(ni, [0, nw], [hyp["warmup_momentum"], hyp["momentum"]])
+                        group["momentum"] = float(np.interp(ni, [0, nw], [hyp["warmup_momentum"], hyp["momentum"]]))
             if opt.multi_scale:
                 imgs = random_rescale(imgs, imgsz, gs)
             with torch.autocast(device.type, enabled=amp):

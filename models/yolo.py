@@ -29,6 +29,7 @@ from models.common import (  # noqa: E402
     C3, C3SPP, C3TR, SPP, SPPF, Bottleneck, BottleneckCSP, C3Ghost, C3x, Concat, Contract, Conv, CrossConv, DWConv,
     Expand, Focus, GhostBottleneck, GhostConv,
 )
+from utils.autoanchor import check_anchor_order  # noqa: E402
 from utils.general import LOGGER, UserInputError, make_divisible, set_logging, yaml_load  # noqa: E402
 from utils.torch_utils import model_info, profile_layer, scale_img, select_device  # noqa: E402
 
@@ -476,15 +477,6 @@ class DetectionModel(BaseModel):
 
 
 Model = DetectionModel  # upstream alias
-
-
-def check_anchor_order(m: Detect) -> None:
-    """Anchors must grow with stride; flip them when the YAML lists them the other way round."""
-    area = m.anchors.prod(-1).mean(-1).view(-1)
-    da, ds = area[-1] - area[0], m.stride[-1] - m.stride[0]
-    if da.device.type != "meta" and da and (da.sign() != ds.sign()):
-        LOGGER.info("AutoAnchor: Reversing anchor order")
-        m.anchors[:] = m.anchors.flip(0)
 
 
 def initialize_weights(model: nn.Module) -> None:
