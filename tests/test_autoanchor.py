@@ -52,10 +52,10 @@ def log_messages(caplog):
 
 
 def test_best_possible_recall_hand_case():
-    wh = torch.tensor([[10.0, 10.0], [100.0, 100.0], [40.0, 10.0]])
+    wh = np.array([[10.0, 10.0], [100.0, 100.0], [40.0, 10.0]])
     # 40x10 against 10x10: width ratio exactly 4 is not strictly within thr
-    assert best_possible_recall(wh, torch.tensor([[10.0, 10.0]])) == pytest.approx((1 / 3, 1 / 3))
-    two = torch.tensor([[10.0, 10.0], [100.0, 100.0]])
+    assert best_possible_recall(wh, np.array([[10.0, 10.0]])) == pytest.approx((1 / 3, 1 / 3))
+    two = np.array([[10.0, 10.0], [100.0, 100.0]])
     assert best_possible_recall(wh, two) == pytest.approx((2 / 3, 2 / 3))
     assert best_possible_recall(wh, two, thr=4.1)[0] == pytest.approx(1.0)
 
@@ -77,8 +77,9 @@ def test_good_anchors_are_kept(log_messages):
     check_anchors(dataset, model, thr=4.0, imgsz=640)
     assert torch.equal(model.model[-1].anchors, before)
     message = next(m for m in log_messages() if "Best Possible Recall" in m)
-    assert re.fullmatch(r"AutoAnchor: \d\.\d\d anchors/target, 1\.000 Best Possible Recall \(BPR\)\. .*good fit.*", message)
-    aat = best_possible_recall(torch.tensor(wh), (before * model.model[-1].stride.view(-1, 1, 1)).view(-1, 2))[1]
+    pattern = r"AutoAnchor: \d\.\d\d anchors/target, 1\.000 Best Possible Recall \(BPR\)\. .*good fit.*"
+    assert re.fullmatch(pattern, message)
+    aat = best_possible_recall(wh, (before * model.model[-1].stride.view(-1, 1, 1)).view(-1, 2).numpy())[1]
     assert 3 < aat < 9
 
 
@@ -86,11 +87,11 @@ def test_poor_anchors_are_replaced(log_messages):
     dataset = synthetic_dataset()
     model = FakeModel(COCO_ANCHORS * 8)  # far too large for this dataset
     m = model.model[-1]
-    wh = torch.tensor(np.concatenate([lb[:, 3:5] * 640 for lb in dataset.labels]))
-    bpr_before = best_possible_recall(wh, (m.anchors * m.stride.view(-1, 1, 1)).view(-1, 2))[0]
-    check_anchors(dataset, model, thr=4.0, imgsz=640, gen=200)
+    wh = np.concatenate([lb[:, 3:5] * 640 for lb in dataset.labels])
+    bpr_before = best_possible_recall(wh, (m.anchors * m.stride.view(-1, 1, 1)).view(-1, 2).numpy())[0]
+    check_anchors(dataset, model, thr=4.0, imgsz=640)
     anchors_px = (m.anchors * m.stride.view(-1, 1, 1)).view(-1, 2)
-    assert bpr_before < 0.9 and best_possible_recall(wh, anchors_px)[0] > 0.98
+    assert bpr_before < 0.9 and best_possible_recall(wh, anchors_px.numpy())[0] > 0.98
     areas = anchors_px.prod(1)
     assert torch.all(areas[1:] >= areas[:-1])  # smallest anchors on the finest stride
     assert any("Anchors are a poor fit" in m for m in log_messages())
@@ -99,7 +100,7 @@ def test_poor_anchors_are_replaced(log_messages):
 
 def test_kmean_anchors_improves_fitness_and_is_deterministic():
     dataset = synthetic_dataset()
-    wh = torch.tensor(np.concatenate([lb[:, 3:5] * 640 for lb in dataset.labels]))
+    wh = np.concatenate([lb[:, 3:5] * 640 for lb in dataset.labels])
     start = kmean_anchors(dataset, n=9, img_size=640, gen=0, verbose=False, seed=3)  # k-means only
     evolved = kmean_anchors(dataset, n=9, img_size=640, gen=300, verbose=False, seed=3)
     assert evolved.shape == (9, 2) and evolved.dtype == np.float32
@@ -107,7 +108,7 @@ def test_kmean_anchors_improves_fitness_and_is_deterministic():
     assert anchor_fitness(evolved, wh, 0.25) > anchor_fitness(start, wh, 0.25)
     coco = COCO_ANCHORS.view(-1, 2).float().numpy()
     assert anchor_fitness(evolved, wh, 0.25) > anchor_fitness(coco, wh, 0.25)
-    assert best_possible_recall(wh, torch.tensor(evolved))[0] == 1.0
+    assert best_possible_recall(wh, evolved)[0] == 1.0
     np.testing.assert_array_equal(evolved, kmean_anchors(dataset, n=9, img_size=640, gen=300, verbose=False, seed=3))
 
 

@@ -47,6 +47,15 @@ def zero_preds(bs=2, img=64, nc=3):
     return [torch.zeros(bs, 3, img // int(s), img // int(s), nc + 5) for s in STRIDES]
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors: intra-op threads only add contention on a shared machine (10x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # image 0, class 1, a 16x16 px box centred at (19.2, 38.4) in a 64x64 image
 ONE_TARGET = torch.tensor([[0.0, 1.0, 0.3, 0.6, 0.25, 0.25]])
 
@@ -156,3 +165,12 @@ def test_target_building_has_no_python_loop_over_targets():
     assert loops(ComputeLoss._add_neighbours) == []
     call_loops = [node for node in loops(ComputeLoss.__call__) if isinstance(node, (ast.For, ast.While))]
     assert len(call_loops) == 1 and ast.unparse(call_loops[0].iter) == "enumerate(preds)"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    preds = [p + torch.randn_like(p) for p in zero_preds()]
+    cpu_total, cpu_items = ComputeLoss(FakeModel())(preds, ONE_TARGET)
+    gpu_total, gpu_items = ComputeLoss(FakeModel().cuda())([p.cuda() for p in preds], ONE_TARGET.cuda())
+    assert gpu_items.is_cuda and torch.allclose(gpu_items.cpu(), cpu_items, rtol=1e-4)

@@ -128,7 +128,7 @@ def test_multi_output_backbone(ctor):
 
 
 def test_multi_output_backbone_with_timm_features():
-    timm = pytest.importorskip("timm")
+    import timm
 
     def timm_resnet(c1: int, name: str, out_indices: list):
         return timm.create_model(name, features_only=True, pretrained=False, in_chans=c1, out_indices=out_indices)

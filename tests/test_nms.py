@@ -107,3 +107,11 @@ def test_apriori_labels_are_kept():
 def test_rejects_bad_thresholds():
     with pytest.raises(ValueError):
         non_max_suppression(random_prediction(), conf_thres=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    pred = random_prediction()
+    on_gpu = non_max_suppression(pred.cuda(), 0.1, 0.5, multi_label=True)
+    for got, want in zip(on_gpu, non_max_suppression(pred, 0.1, 0.5, multi_label=True)):
+        assert got.is_cuda and torch.allclose(got.cpu(), want, atol=1e-4)

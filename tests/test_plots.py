@@ -53,7 +53,7 @@ def test_plot_images_labels_and_predictions(tmp_path):
     assert targets.shape == (2, 7)
     np.testing.assert_allclose(targets[0], [0, 1, 25, 20, 30, 20, 0.9], rtol=1e-6)
     plot_images(images[:2], targets, fname=tmp_path / "val_batch0_pred.jpg", names=["x", "y"])
-    assert read_image(tmp_path / "val_batch0_pred.jpg").shape == (128, 80, 3)
+    assert read_image(tmp_path / "val_batch0_pred.jpg").shape == (128, 160, 3)  # 2x2 grid, one column used
 
 
 def test_plot_images_downscales_large_batches(tmp_path):

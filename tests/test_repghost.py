@@ -158,11 +158,13 @@ def test_yaml_rows():
 
 @pytest.fixture(scope="module")
 def detection_model():
-    return pytest.importorskip("models.yolo").DetectionModel
+    from models.yolo import DetectionModel
+
+    return DetectionModel
 
 
 def conv_gflops_at_640(model: nn.Module, size: int = 64) -> float:
-    """2 x conv MACs (upstream's GFLOPs convention) at 640, counted at ``size`` (a multiple of 32) and scaled by area."""
+    """2 x conv MACs (upstream's GFLOPs convention) at 640, counted at ``size`` (multiple of 32), scaled by area."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.eval()(torch.zeros(1, 3, size, size))
     return counter.get_total_flops() / 1e9 * (640 / size) ** 2

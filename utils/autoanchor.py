@@ -10,37 +10,43 @@ import torch.nn as nn
 from scipy.cluster.vq import kmeans
 from tqdm import tqdm
 
-from utils.loss import de_parallel
+from utils.torch_utils import de_parallel
 
 LOGGER = logging.getLogger("yolov5")
 PREFIX = "AutoAnchor: "
 
 
-def anchor_ratio_metric(wh: torch.Tensor, anchors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit of each box (n, 2) to each anchor (k, 2): the worse of its w and h ratios (<= 1), shape (n, k),
-    and each box's best fit over the anchors, shape (n,)."""
-    r = wh[:, None] / anchors[None]
-    fit = torch.min(r, 1 / r).min(2)[0]
-    return fit, fit.max(1)[0]
+def anchor_ratio_metric(wh: np.ndarray, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fit (n, k) of boxes ``wh`` (n, 2) to ``anchors`` (k, 2), and each box's best fit (n,).
+
+    The fit of a box to an anchor is the worse of its width and height ratios, taken <= 1.
+    Computed in numpy: thousands of tiny evaluations, where torch's per-op threading costs dearly.
+    """
+    r = np.asarray(wh, dtype=np.float32)[:, None] / np.asarray(anchors, dtype=np.float32)[None]
+    fit = np.minimum(r, 1 / r).min(2)
+    return fit, fit.max(1)
 
 
-def best_possible_recall(wh: torch.Tensor, anchors: torch.Tensor, thr: float = 4.0) -> tuple[float, float]:
+def best_possible_recall(wh: np.ndarray, anchors: np.ndarray, thr: float = 4.0) -> tuple[float, float]:
     """(BPR, anchors above threshold per target) for boxes ``wh`` (n, 2) and ``anchors`` (k, 2) in pixels.
 
     A box can be recalled when some anchor's w and h ratios both lie within [1/thr, thr] of it
     (the loss's anchor matching rule).
     """
     fit, best = anchor_ratio_metric(wh, anchors)
-    bpr = (best > 1 / thr).float().mean()
-    anchors_per_target = (fit > 1 / thr).float().sum(1).mean()
-    return bpr.item(), anchors_per_target.item()
+    bpr = (best > 1 / thr).mean()
+    anchors_per_target = (fit > 1 / thr).sum(1).mean()
+    return float(bpr), float(anchors_per_target)
 
 
 def check_anchor_order(m: nn.Module) -> None:
-    """Flip ``m.anchors`` (nl, na, 2) in place when their size order disagrees with the stride order."""
+    """Flip ``m.anchors`` (nl, na, 2) in place when their size order disagrees with the stride order.
+
+    Anchors on the meta device (shape-only models) are left alone.
+    """
     area = m.anchors.prod(-1).mean(-1).view(-1)
     da, ds = area[-1] - area[0], m.stride[-1] - m.stride[0]
-    if da and da.sign() != ds.sign():
+    if da.device.type != "meta" and da and da.sign() != ds.sign():
         LOGGER.info(f"{PREFIX}Reversing anchor order")
         m.anchors[:] = m.anchors.flip(0)
 
@@ -53,27 +59,26 @@ def dataset_wh(dataset, img_size: int, scale: np.ndarray | None = None) -> np.nd
     return np.concatenate([labels[:, 3:5] * s for s, labels in zip(shapes, dataset.labels)], 0)
 
 
-def check_anchors(dataset, model: nn.Module, thr: float = 4.0, imgsz: int = 640, seed: int = 0, gen: int = 1000) -> None:
+def check_anchors(dataset, model: nn.Module, thr: float = 4.0, imgsz: int = 640, seed: int = 0) -> None:
     """Log the anchors' best possible recall on ``dataset``; below 0.98, evolve new anchors and keep them if better.
 
     Box sizes are jittered by a random scale in [0.9, 1.1] per image (seeded) as training augments them.
-    New anchors (``gen`` generations of evolution) are written into ``model.model[-1].anchors`` in grid
-    units, ordered like the strides.
+    New anchors are written into ``model.model[-1].anchors`` in grid units, ordered like the strides.
     """
     m = de_parallel(model).model[-1]
     rng = np.random.default_rng(seed)
     scale = rng.uniform(0.9, 1.1, size=(dataset.shapes.shape[0], 1))
-    wh = torch.tensor(dataset_wh(dataset, imgsz, scale)).float()
+    wh = dataset_wh(dataset, imgsz, scale)
     stride = m.stride.to(m.anchors.device).view(-1, 1, 1)
-    anchors = m.anchors.clone() * stride  # pixels
-    bpr, aat = best_possible_recall(wh, anchors.cpu().view(-1, 2), thr)
+    anchors = (m.anchors * stride).detach().cpu().view(-1, 2).numpy()  # pixels
+    bpr, aat = best_possible_recall(wh, anchors, thr)
     summary = f"{PREFIX}{aat:.2f} anchors/target, {bpr:.3f} Best Possible Recall (BPR). "
     if bpr > 0.98:
         LOGGER.info(f"{summary}Current anchors are a good fit to dataset ✅")
         return
     LOGGER.info(f"{summary}Anchors are a poor fit to dataset ⚠️, attempting to improve...")
-    new = kmean_anchors(dataset, n=m.anchors.numel() // 2, img_size=imgsz, thr=thr, gen=gen, verbose=False, seed=seed)
-    new_bpr, _ = best_possible_recall(wh, torch.tensor(new), thr)
+    new = kmean_anchors(dataset, n=m.anchors.numel() // 2, img_size=imgsz, thr=thr, gen=1000, verbose=False, seed=seed)
+    new_bpr, _ = best_possible_recall(wh, new, thr)
     if new_bpr > bpr:
         m.anchors[:] = torch.tensor(new, device=m.anchors.device).type_as(m.anchors).view_as(m.anchors)
         check_anchor_order(m)
@@ -83,10 +88,10 @@ def check_anchors(dataset, model: nn.Module, thr: float = 4.0, imgsz: int = 640,
         LOGGER.info(f"{PREFIX}Done ⚠️ (original anchors better than new anchors, proceeding with original anchors)")
 
 
-def _anchor_report(k: np.ndarray, wh: torch.Tensor, thr: float, img_size: int) -> str:
-    """One-line summary of anchors ``k`` (n, 2) on boxes ``wh``; ``thr`` is the ratio fit threshold (< 1)."""
-    fit, best = anchor_ratio_metric(wh, torch.tensor(k, dtype=torch.float32))
-    bpr, aat = (best > thr).float().mean(), (fit > thr).float().mean() * len(k)
+def _anchor_report(k: np.ndarray, wh: np.ndarray, thr: float, img_size: int) -> str:
+    """Summary of anchors ``k`` (n, 2) on boxes ``wh``; ``thr`` is the ratio fit threshold (< 1)."""
+    fit, best = anchor_ratio_metric(wh, k)
+    bpr, aat = (best > thr).mean(), (fit > thr).mean() * len(k)
     anchors = ", ".join(f"{round(w)},{round(h)}" for w, h in k)
     return (
         f"{PREFIX}thr={thr:.2f}: {bpr:.4f} best possible recall, {aat:.2f} anchors past thr\n"
@@ -95,10 +100,10 @@ def _anchor_report(k: np.ndarray, wh: torch.Tensor, thr: float, img_size: int) -
     )
 
 
-def anchor_fitness(k: np.ndarray, wh: torch.Tensor, thr: float) -> float:
+def anchor_fitness(k: np.ndarray, wh: np.ndarray, thr: float) -> float:
     """Mean best-anchor fit of the boxes, counting only fits above ``thr`` (< 1)."""
-    _, best = anchor_ratio_metric(wh, torch.tensor(k, dtype=torch.float32))
-    return (best * (best > thr).float()).mean().item()
+    _, best = anchor_ratio_metric(wh, k)
+    return float((best * (best > thr)).mean())
 
 
 def _initial_anchors(wh: np.ndarray, n: int, img_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -113,7 +118,7 @@ def _initial_anchors(wh: np.ndarray, n: int, img_size: int, rng: np.random.Gener
     return np.sort(rng.random(n * 2)).reshape(n, 2) * img_size
 
 
-def _evolve(k: np.ndarray, wh: torch.Tensor, thr: float, gen: int, rng: np.random.Generator, verbose: bool,
+def _evolve(k: np.ndarray, wh: np.ndarray, thr: float, gen: int, rng: np.random.Generator, verbose: bool,
             img_size: int) -> np.ndarray:
     """Genetic refinement: mutate anchors multiplicatively ``gen`` times, keeping improvements."""
     fitness, mutation_prob, sigma = anchor_fitness(k, wh, thr), 0.9, 0.1
@@ -145,10 +150,11 @@ def kmean_anchors(dataset, n: int = 9, img_size: int = 640, thr: float = 4.0, ge
     wh0 = dataset_wh(dataset, img_size)
     tiny = (wh0 < 3.0).any(1).sum()
     if tiny:
-        LOGGER.info(f"{PREFIX}WARNING ⚠️ Extremely small objects found: {tiny} of {len(wh0)} labels are <3 pixels in size")
+        LOGGER.info(
+            f"{PREFIX}WARNING ⚠️ Extremely small objects found: {tiny} of {len(wh0)} labels are <3 pixels in size"
+        )
     wh = wh0[(wh0 >= 2.0).any(1)].astype(np.float32)
     k = _initial_anchors(wh, n, img_size, rng)
-    wh, wh0 = torch.tensor(wh), torch.tensor(wh0, dtype=torch.float32)
     k = k[np.argsort(k.prod(1))]
     k = _evolve(k, wh, thr, gen, rng, verbose, img_size)
     k = k[np.argsort(k.prod(1))]

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from utils.boxes import bbox_iou
+from utils.torch_utils import de_parallel
 
 # neighbour cells a target also trains: itself, left, up, right, down (as offsets subtracted from xy)
 NEIGHBOUR_OFFSETS = ((0, 0), (1, 0), (0, 1), (-1, 0), (0, -1))
@@ -14,12 +15,6 @@ NEIGHBOUR_OFFSETS = ((0, 0), (1, 0), (0, 1), (-1, 0), (0, -1))
 def smooth_BCE(eps: float = 0.1) -> tuple[float, float]:  # noqa: N802 (upstream's name)
     """Positive and negative BCE targets under label smoothing ``eps`` (arXiv:1902.04103)."""
     return 1.0 - 0.5 * eps, 0.5 * eps
-
-
-def de_parallel(model: nn.Module) -> nn.Module:
-    """The bare model inside a DataParallel/DistributedDataParallel wrapper."""
-    wrappers = (nn.parallel.DataParallel, nn.parallel.DistributedDataParallel)
-    return model.module if isinstance(model, wrappers) else model
 
 
 class FocalLoss(nn.Module):

@@ -88,7 +88,8 @@ def ap_per_class(
         save_dir = Path(save_dir)
         plot_pr_curve(px, pr_curves, ap, save_dir / f"{prefix}PR_curve.png", present)
         for curve, label, stem in ((f1, "F1", "F1"), (p, "Precision", "P"), (r, "Recall", "R")):
-            plot_mc_curve(px, curve, smooth(curve.mean(0), 0.05), save_dir / f"{prefix}{stem}_curve.png", present, label)
+            mean_curve = smooth(curve.mean(0), 0.05)
+            plot_mc_curve(px, curve, mean_curve, save_dir / f"{prefix}{stem}_curve.png", present, label)
     best = smooth(f1.mean(0), 0.1).argmax()
     p, r, f1 = p[:, best], r[:, best], f1[:, best]
     tp = (r * n_labels).round()

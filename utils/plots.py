@@ -224,7 +224,7 @@ def _label_boxes_image(labels: np.ndarray, size: int = 2000, n: int = 1000) -> n
 
 
 def plot_labels(labels: np.ndarray, names=(), save_dir: str | Path = Path("")) -> None:
-    """Label statistics of a dataset, ``labels`` (n, 5) [cls, xywh normalised]: labels.jpg and labels_correlogram.jpg."""
+    """Label statistics, ``labels`` (n, 5) [cls, xywh normalised]: labels.jpg and labels_correlogram.jpg."""
     save_dir = Path(save_dir)
     LOGGER.info(f"Plotting labels to {save_dir / 'labels.jpg'}... ")
     labels = np.asarray(labels, dtype=np.float64)

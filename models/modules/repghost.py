@@ -114,7 +114,7 @@ def repghost_bottleneck_row(
 
 
 class C3RepGhost(C3):
-    """C3 whose bottlenecks are RepGhostBottlenecks (``c_ -> c_ -> c_``, identity residual)."""
+    """C3 whose bottlenecks are RepGhostBottlenecks ``c_ -> c_ -> c_`` (identity residual unless ``shortcut=False``)."""
 
     def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
         super().__init__(c1, c2, 0, shortcut, g, e)
