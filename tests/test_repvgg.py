@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import timm
-from timm.layers import SEModule
 import torch
 import torch.nn as nn
+from timm.layers import SEModule
 
 from models.modules.repvgg import (
     VARIANTS,
@@ -140,6 +140,10 @@ def test_yaml_modules():
     assert ctor(1).stages[0].dense.conv.in_channels == 1
 
 
+def bn_scale_of(bn: nn.BatchNorm2d) -> torch.Tensor:
+    return (bn.weight / (bn.running_var + bn.eps).sqrt()).detach()
+
+
 def direct_custom_l2(block: RepVGGBlock) -> torch.Tensor:
     """The custom L2 penalty written element by element."""
     k3, k1 = block.dense.conv.weight, block.pointwise.conv.weight
@@ -168,8 +172,7 @@ def test_custom_l2_value_and_gradient():
     ring = torch.ones(3, 3, dtype=torch.bool)
     ring[1, 1] = False
     assert torch.allclose(k3.grad[:, :, ring], 2 * k3.detach()[:, :, ring])  # plain L2 on the ring
-    t3 = (block.dense.bn.weight / (block.dense.bn.running_var + block.dense.bn.eps).sqrt()).detach().view(-1, 1)
-    t1 = (block.pointwise.bn.weight / (block.pointwise.bn.running_var + block.pointwise.bn.eps).sqrt()).detach().view(-1, 1)
+    t3, t1 = (bn_scale_of(branch.bn).view(-1, 1) for branch in (block.dense, block.pointwise))
     centre = t3 * k3.detach()[:, :, 1, 1] + t1 * k1.detach()[:, :, 0, 0]
     assert torch.allclose(k1.grad[:, :, 0, 0], 2 * centre * t1 / (t3**2 + t1**2))
     assert torch.allclose(k3.grad[:, :, 1, 1], 2 * centre * t3 / (t3**2 + t1**2))
@@ -186,12 +189,13 @@ def test_custom_l2_parameters_and_folded_model():
     assert repvgg_custom_l2_parameters(folded) == [] and repvgg_custom_l2(folded).item() == 0.0
 
 
-@pytest.mark.parametrize("cfg", ["yolov5s_RepVGG.yaml", "yolov5_RepVGG-A0.yaml"])
-def test_yaml_model_fuses(cfg):
+@pytest.mark.parametrize("cfg, params", [("yolov5s_RepVGG.yaml", 7_512_125), ("yolov5_RepVGG-A0.yaml", 13_003_645)])
+def test_yaml_model_fuses(cfg, params):
     from models.yolo import DetectionModel
 
     torch.manual_seed(0)
     model = randomize_bn(DetectionModel(cfg)).eval()
+    assert n_params(model) == params  # the figures quoted in the YAML comments
     assert model.stride.tolist() == [8, 16, 32]
     x = torch.rand(1, 3, 64, 64)
     assert fold_error(model, x) < 1e-5
@@ -203,7 +207,8 @@ def test_yaml_model_fuses(cfg):
 def test_a0_yaml_layout():
     from models.yolo import DetectionModel
 
-    model = DetectionModel("yolov5_RepVGG-A0.yaml")
+    with torch.device("meta"):  # shapes only
+        model = DetectionModel("yolov5_RepVGG-A0.yaml")
     assert model.model[0].channels == [48, 48, 96, 192, 1280]
     assert model.save == [2, 3, 6, 10, 13, 16, 19]
     assert model.model[-1].i == 20
