@@ -1,8 +1,9 @@
 """Peak training memory (forward + backward) of a RevCol backbone, plain versus reversible columns.
 
-Each mode runs in its own subprocess, so one mode's peak cannot hide the other's. On CPU the figure
-is the process's peak resident memory (``ru_maxrss``) and its increase over the resident memory
-just before the forward pass; on CUDA, the allocator's peak and its increase.
+Each mode runs in its own subprocess, so one mode's peak cannot hide the other's. On CPU (Linux) the
+figures are the process's peak resident memory during the step (VmHWM, reset just before it) and its
+increase over the resident memory just before the forward pass, with glibc told to return freed
+tensors to the system at once (see WORKER_ENV); on CUDA, the allocator's peak and its increase.
 
 Usage:
     python benchmarks/revcol_memory.py                       # revcol_small, batch 4, 320x320, CPU
@@ -13,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,38 +29,66 @@ from models.modules import revcol  # noqa: E402
 
 MODES = {"plain": False, "reversible": True}  # mode -> save_memory
 MIB = 2**20
+# glibc raises its mmap threshold as large blocks are freed and then keeps freed memory in its heap, so
+# resident memory would track the allocator's history instead of the live tensors; a fixed threshold
+# returns every tensor-sized block to the system when it is freed (other C libraries ignore the variable).
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
-def _peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+def _rss_bytes(field: str) -> int:
+    """A resident-memory figure of this process from /proc/self/status (Linux): VmRSS now, VmHWM peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def train_step_memory(variant: str, batch: int, img: int, save_memory: bool, device: str = "cpu") -> dict[str, float]:
-    """One forward + backward of ``revcol_<variant>`` in this process: peak and increase, in MiB."""
+def _reset_peak_rss() -> None:
+    """Restart VmHWM from the current resident memory. (Not ru_maxrss: a child inherits its parent's peak.)"""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def variant_config(variant: str) -> dict:
+    """FullNet arguments of a named RevCol variant."""
+    channels, layers, columns, drop_path = revcol.VARIANTS[variant]
+    return {"channels": list(channels), "layers": list(layers), "num_subnet": columns, "drop_path": drop_path}
+
+
+def train_step_memory(config: dict, batch: int, img: int, device: str = "cpu") -> dict[str, float]:
+    """One forward + backward of ``FullNet(**config)`` in this process: peak and increase, in MiB."""
     torch.manual_seed(0)
-    model = getattr(revcol, f"revcol_{variant}")(save_memory=save_memory).to(device).train()
+    model = revcol.FullNet(**config).to(device).train()
     x = torch.randn(batch, 3, img, img, device=device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
-        before = psutil.Process().memory_info().rss
+        _reset_peak_rss()
+        before = _rss_bytes("VmRSS")
     loss = sum(feature.float().square().mean() for feature in model(x))
     loss.backward()
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _peak_rss_bytes()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_bytes("VmHWM")
     return {"peak_mib": peak / MIB, "train_mib": (peak - before) / MIB}
 
 
-def measure(variant: str = "small", batch: int = 4, img: int = 320, device: str = "cpu") -> dict[str, dict[str, float]]:
-    """Both modes, each in a fresh subprocess; returns {mode: {'peak_mib', 'train_mib'}}."""
-    results = {}
-    for mode in MODES:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--variant", variant,
+def measure(config: dict, batch: int = 4, img: int = 320, device: str = "cpu") -> dict[str, dict[str, float]]:
+    """Both modes of ``FullNet(**config)``, each in a fresh subprocess (run side by side).
+
+    Returns {mode: {'peak_mib', 'train_mib'}} for the modes 'plain' and 'reversible'.
+    """
+    workers = {}
+    for mode, save_memory in MODES.items():
+        worker_config = json.dumps({**config, "save_memory": save_memory})
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker_config,
                "--batch", str(batch), "--img", str(img), "--device", device]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        workers[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                          env={**os.environ, **WORKER_ENV})
+    results = {}
+    for mode, worker in workers.items():
+        out, err = worker.communicate()
+        if worker.returncode:
+            raise RuntimeError(f"{mode} worker failed:\n{err}")
+        results[mode] = json.loads(out.strip().splitlines()[-1])
     return results
 
 
@@ -70,15 +98,15 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--img", type=int, default=320, help="square input size, a multiple of 32")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: FullNet arguments (JSON) of one mode
     return parser.parse_args(argv)
 
 
 def main(opt: argparse.Namespace) -> None:
     if opt.worker:
-        print(json.dumps(train_step_memory(opt.variant, opt.batch, opt.img, MODES[opt.worker], opt.device)))
+        print(json.dumps(train_step_memory(json.loads(opt.worker), opt.batch, opt.img, opt.device)))
         return
-    results = measure(opt.variant, opt.batch, opt.img, opt.device)
+    results = measure(variant_config(opt.variant), opt.batch, opt.img, opt.device)
     print(f"revcol_{opt.variant}, batch {opt.batch}, {opt.img}x{opt.img}, {opt.device}, forward + backward:")
     for mode, r in results.items():
         print(f"  {mode:<10}  peak {r['peak_mib']:9.1f} MiB   increase during the step {r['train_mib']:9.1f} MiB")

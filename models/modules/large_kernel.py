@@ -4,8 +4,9 @@ PyTorch's CPU depthwise convolution (oneDNN) runs at a few GFLOP/s once the kern
 13x13, and its backward pass is slower still, which makes RepLKNet's 31x31 kernels the bottleneck
 of the whole network. For stride 1, dilation 1 and 'same' zero padding the convolution is a
 per-channel cross-correlation, so it can be computed exactly through the FFT: the cost no longer
-grows with the kernel area. The backward pass is a custom autograd Function with the three FFTs the
-math needs (input gradient: conv with the kernel; weight gradient: correlation of input and
+grows with the kernel area. A custom autograd Function keeps the spectra of the input and kernel
+for the backward pass, which then needs one forward and two inverse FFTs (input gradient: the
+output gradient correlated with the flipped kernel; weight gradient: the input correlated with the
 output gradient, summed over the batch in the frequency domain).
 
 :func:`depthwise_conv2d` picks the FFT or ``F.conv2d`` per call from thresholds measured on a
@@ -47,25 +48,12 @@ def fast_fft_length(n: int) -> int:
         m += 1
 
 
-def _kernel_spectrum(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Spectrum of the (C, kh, kw) kernel zero-padded to ``size`` with its centre moved to (0, 0)."""
-    kh, kw = weight.shape[-2:]
-    padded = F.pad(weight, (0, size[1] - kw, 0, size[0] - kh))
-    return torch.fft.rfft2(torch.roll(padded, (-(kh // 2), -(kw // 2)), dims=(-2, -1)))
-
-
-def _inverse_top_left(spectrum: torch.Tensor, size: tuple[int, int], height: int, width: int) -> torch.Tensor:
-    """The top-left ``height`` x ``width`` corner of the inverse 2-D real FFT (rows cropped before the last pass)."""
-    rows = torch.fft.ifft(spectrum, dim=-2)[..., :height, :]
-    return torch.fft.irfft(rows, n=size[1], dim=-1)[..., :width]
-
-
-def _inverse_centred(spectrum: torch.Tensor, size: tuple[int, int], kh: int, kw: int) -> torch.Tensor:
-    """The kh x kw window centred on (0, 0) (wrapping around) of the inverse 2-D real FFT."""
-    rows = (torch.arange(kh, device=spectrum.device) - kh // 2) % size[0]
-    cols = (torch.arange(kw, device=spectrum.device) - kw // 2) % size[1]
-    signal_rows = torch.fft.ifft(spectrum, dim=-2).index_select(-2, rows)
-    return torch.fft.irfft(signal_rows, n=size[1], dim=-1).index_select(-1, cols)
+def _window(
+    spectrum: torch.Tensor, size: tuple[int, int], top: int, left: int, height: int, width: int
+) -> torch.Tensor:
+    """A height x width window at (top, left) of the inverse 2-D real FFT (rows cropped before the last pass)."""
+    rows = torch.fft.ifft(spectrum, dim=-2)[..., top : top + height, :]
+    return torch.fft.irfft(rows, n=size[1], dim=-1)[..., left : left + width]
 
 
 class _FFTDepthwiseConv2d(torch.autograd.Function):
@@ -75,26 +63,30 @@ class _FFTDepthwiseConv2d(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         (h, w), (kh, kw) = x.shape[-2:], weight.shape[-2:]
-        # Zero padding to at least (h + kh // 2, w + kw // 2) keeps the circular correlation from wrapping
-        # into the output; with the kernel centre at index 0 the output is the spectrum's top-left corner.
+        # Cross-correlation with w is convolution with w flipped. Both zero-padded (bottom/right) to at least
+        # (h + kh // 2, w + kw // 2), the circular convolution c equals the linear one where the output
+        # window y = c[kh // 2 : kh // 2 + h, kw // 2 : kw // 2 + w] reads it (nothing wraps into it).
         size = (fast_fft_length(h + kh // 2), fast_fft_length(w + kw // 2))
-        x_f, w_f = torch.fft.rfft2(x, s=size), _kernel_spectrum(weight, size)
-        ctx.save_for_backward(x_f, w_f)
+        x_f, kernel_f = torch.fft.rfft2(x, s=size), torch.fft.rfft2(weight.flip(-2, -1), s=size)
+        ctx.save_for_backward(x_f, kernel_f)
         ctx.size, ctx.shape = size, (h, w, kh, kw)
-        return _inverse_top_left(x_f * w_f.conj(), size, h, w)
+        return _window(x_f * kernel_f, size, kh // 2, kw // 2, h, w)
 
     @staticmethod
     @once_differentiable
     @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        x_f, w_f = ctx.saved_tensors
-        h, w, kh, kw = ctx.shape
-        g_f = torch.fft.rfft2(grad_out, s=ctx.size)
+        x_f, kernel_f = ctx.saved_tensors
+        (h, w, kh, kw), size = ctx.shape, ctx.size
+        # The gradient of c is grad_out placed at the output window; with it, both gradients are top-left
+        # windows of correlations (spectra times a conjugate; conj_physical, as a lazy conj() makes mul 5x slower).
+        grad_c = F.pad(grad_out, (kw // 2, size[1] - w - kw // 2, kh // 2, size[0] - h - kh // 2))
+        g_f = torch.fft.rfft2(grad_c)
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # convolution of the output gradient with the kernel
-            grad_x = _inverse_top_left(g_f * w_f, ctx.size, h, w)
-        if ctx.needs_input_grad[1]:  # correlation of the input with the output gradient, over the batch
-            grad_w = _inverse_centred((x_f * g_f.conj()).sum(0), ctx.size, kh, kw)
+        if ctx.needs_input_grad[0]:
+            grad_x = _window(g_f * torch.conj_physical(kernel_f), size, 0, 0, h, w)
+        if ctx.needs_input_grad[1]:
+            grad_w = _window((g_f * torch.conj_physical(x_f)).sum(0), size, 0, 0, kh, kw).flip(-2, -1)
         return grad_x, grad_w
 
 
@@ -134,7 +126,8 @@ def depthwise_conv2d(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     kh, kw = weight.shape[-2:]
     if kh % 2 == 0 or kw % 2 == 0 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
-        raise ValueError(f"expected odd depthwise kernels (C, 1, kh, kw) for {x.shape[1]} channels, got {tuple(weight.shape)}")
+        expected = f"odd depthwise kernels (C, 1, kh, kw) for C = {x.shape[1]}"
+        raise ValueError(f"expected {expected}, got {tuple(weight.shape)}")
     usable = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4 and not _exporting()
     if method == "direct" or not usable:
         return F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=x.shape[1])
@@ -160,7 +153,9 @@ class LargeKernelDepthwiseConv2d(nn.Conv2d):
         self.method = method
 
     @classmethod
-    def depthwise(cls, channels: int, kernel_size: int, bias: bool = False, method: str = "auto") -> LargeKernelDepthwiseConv2d:
+    def depthwise(
+        cls, channels: int, kernel_size: int, bias: bool = False, method: str = "auto"
+    ) -> LargeKernelDepthwiseConv2d:
         """A 'same'-padded stride-1 depthwise conv with ``channels`` channels."""
         return cls(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=bias, method=method)
 

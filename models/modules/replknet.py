@@ -204,7 +204,8 @@ class RepLKNetStage(nn.Module):
             raise ValueError(f"{num_blocks} blocks but {len(rates)} drop-path rates")
         blocks = []
         for rate in rates:
-            blocks.append(RepLKBlock(channels, int(channels * dw_ratio), stage_lk_size, small_kernel, rate, small_kernel_merged))
+            cdw = int(channels * dw_ratio)
+            blocks.append(RepLKBlock(channels, cdw, stage_lk_size, small_kernel, rate, small_kernel_merged))
             blocks.append(ConvFFN(channels, int(channels * ffn_ratio), channels, rate))
         self.blocks = nn.ModuleList(blocks)
         self.use_checkpoint = use_checkpoint

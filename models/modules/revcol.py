@@ -6,8 +6,10 @@ of the previous column: ``c_i = alpha_i * c_i_prev + level_i(c_{i-1}, c_{i+1}_pr
 ``alpha_i`` is invertible, a column's inputs can be recomputed from its outputs, so training
 (``save_memory=True``) keeps only the column boundaries, not the activations inside the columns.
 
-Attribute names follow the official implementation, so its ImageNet backbone weights load into
-:class:`FullNet` unchanged (minus the classifier). Input sides must be multiples of 32.
+State-dict names follow the official implementation (``stem.0``, ``subnet3.alpha1``,
+``subnet3.level1.fusion.up.channel_reschedule.0``, ``...blocks.0.pwconv1``), so its ImageNet weights
+load into :class:`FullNet` with ``strict=False`` (skipping its classifier and decoder heads).
+Input sides must be multiples of 32.
 """
 
 from __future__ import annotations
@@ -128,13 +130,13 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
 
 def _backprop_level(level: nn.Module, out: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor | None,
                     grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor | None]]:
-    """Gradients of a recomputed level w.r.t. its two inputs and its parameters (None if frozen)."""
+    """Gradients of a recomputed level w.r.t. its two inputs and its parameters (None where frozen)."""
     params = list(level.parameters())
-    inputs = [lower, upper] if upper is not None else [lower]
+    inputs = [lower] if upper is None else [lower, upper]
     grads = torch.autograd.grad(out, inputs + [p for p in params if p.requires_grad], grad, allow_unused=True)
-    param_grads = iter(grads[len(inputs):])
-    return grads[0], grads[1] if upper is not None else None, [next(param_grads) if p.requires_grad else None
-                                                                   for p in params]
+    trainable_grads = iter(grads[len(inputs):])
+    param_grads = [next(trainable_grads) if p.requires_grad else None for p in params]
+    return grads[0], None if upper is None else grads[1], param_grads
 
 
 class ReversibleColumn(torch.autograd.Function):
@@ -172,7 +174,7 @@ class ReversibleColumn(torch.autograd.Function):
         grad_out = list(grad_outputs)  # d loss / d c_i, completed by the level above before level i is reached
         grad_prev: list[torch.Tensor | None] = [None] * 4
         grad_alpha: list[torch.Tensor] = [torch.zeros_like(a) for a in alphas]  # stay 0 in the first column
-        grad_params: list[list[torch.Tensor | None]] = [[]] * 4
+        grad_params: list[list[torch.Tensor | None]] = [[] for _ in range(4)]
         upper = None  # reconstructed previous-column state of the level above
         devices = get_device_states(x)[0]
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), torch.autocast(**ctx.autocast):
@@ -183,6 +185,8 @@ class ReversibleColumn(torch.autograd.Function):
                 grad_lower, grad_upper, grad_params[i] = _backprop_level(ctx.levels[i], out, lower, upper, grad_out[i])
                 if i > 0:
                     grad_out[i - 1] = grad_out[i - 1] + grad_lower
+                else:
+                    grad_x = grad_lower
                 if grad_upper is not None:
                     grad_prev[i + 1] = grad_prev[i + 1] + grad_upper
                 if ctx.first_col:
@@ -192,7 +196,7 @@ class ReversibleColumn(torch.autograd.Function):
                 grad_prev[i] = grad_out[i] * alphas[i]
                 grad_alpha[i] = (grad_out[i] * prev).sum((0, 2, 3), keepdim=True)
                 upper = _leaf(prev)
-        return None, grad_lower, *grad_prev, *grad_alpha, *(g for grads in grad_params for g in grads)
+        return None, grad_x, *grad_prev, *grad_alpha, *(g for grads in grad_params for g in grads)
 
 
 class SubNet(nn.Module):
@@ -222,7 +226,7 @@ class SubNet(nn.Module):
             alpha.copy_(sign * alpha.abs().clamp_min(ALPHA_MIN))
 
     def forward(self, x: torch.Tensor, *prev: torch.Tensor | float) -> list[torch.Tensor]:
-        """Refine the previous column's states ``prev`` (c0..c3, or 0 for the first column) given the stem output ``x``."""
+        """New states c0..c3 from the stem output ``x`` and the previous column's ``prev`` (0s for the first)."""
         self.clamp_alphas()
         if self.save_memory and torch.is_grad_enabled():
             params = [p for level in self.levels for p in level.parameters()]
@@ -278,27 +282,32 @@ VARIANTS = {
 
 
 def _revcol(variant: str, c1: int, save_memory: bool, drop_path: float | None, kernel_size: int) -> FullNet:
+    """A variant of VARIANTS with ``c1`` input channels; ``drop_path`` None keeps the variant's rate."""
     channels, layers, columns, default_drop_path = VARIANTS[variant]
     drop_path = default_drop_path if drop_path is None else drop_path
     return FullNet(channels, layers, columns, kernel_size, drop_path, save_memory, in_channels=c1)
 
 
-def revcol_tiny(c1: int = 3, save_memory: bool = True, drop_path: float | None = None, kernel_size: int = 3) -> FullNet:
+def revcol_tiny(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
+                kernel_size: int = 3) -> FullNet:
     """RevCol-T: channels 64-512, 4 columns (29.9M parameters)."""
     return _revcol("tiny", c1, save_memory, drop_path, kernel_size)
 
 
-def revcol_small(c1: int = 3, save_memory: bool = True, drop_path: float | None = None, kernel_size: int = 3) -> FullNet:
+def revcol_small(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
+                 kernel_size: int = 3) -> FullNet:
     """RevCol-S: channels 64-512, 8 columns (60.1M parameters)."""
     return _revcol("small", c1, save_memory, drop_path, kernel_size)
 
 
-def revcol_base(c1: int = 3, save_memory: bool = True, drop_path: float | None = None, kernel_size: int = 3) -> FullNet:
+def revcol_base(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
+                kernel_size: int = 3) -> FullNet:
     """RevCol-B: channels 72-576, 16 columns (138.0M parameters)."""
     return _revcol("base", c1, save_memory, drop_path, kernel_size)
 
 
-def revcol_large(c1: int = 3, save_memory: bool = True, drop_path: float | None = None, kernel_size: int = 3) -> FullNet:
+def revcol_large(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
+                 kernel_size: int = 3) -> FullNet:
     """RevCol-L: channels 128-1024, 8 columns (272.1M parameters)."""
     return _revcol("large", c1, save_memory, drop_path, kernel_size)
 
@@ -309,4 +318,5 @@ def revcol_xlarge(c1: int = 3, save_memory: bool = True, drop_path: float | None
     return _revcol("xlarge", c1, save_memory, drop_path, kernel_size)
 
 
-YAML_MODULES = {f.__name__: (f, "backbone") for f in (revcol_tiny, revcol_small, revcol_base, revcol_large, revcol_xlarge)}
+YAML_MODULES = {f.__name__: (f, "backbone")
+                for f in (revcol_tiny, revcol_small, revcol_base, revcol_large, revcol_xlarge)}

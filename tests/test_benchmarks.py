@@ -1,0 +1,95 @@
+"""benchmarks.py: the models task end to end on yolov5n at 64 px (subprocesses), the detect timing loop, formulas."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import benchmarks
+from tests.helpers import ROOT
+from utils.datasets_check import check_dataset
+from utils.synthetic import CLASS_NAMES, generate_shapes
+
+SIZE = 64
+LATENCY_COLUMNS = [f"{kind}_{form}_{SIZE}{unit}" for form in ("unfolded", "folded", "torchscript", "onnxruntime")
+                   for kind, unit in (("lat", "_ms"), ("eff", ""))]
+POSITIVE_COLUMNS = ["params_m", "gflops_640", "gflops_fused_640", *LATENCY_COLUMNS, "train_images_s",
+                    "train_s_per_iter", "train_gflops", "train_eff", "data_images_s", "data_ratio", "base_mib",
+                    "peak_infer_mib", "peak_mib", "matmul_gflops"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """8 train / 4 val synthetic images at 64 px and their data YAML."""
+    root = tmp_path_factory.mktemp("bench_data")
+    generate_shapes(root / "shapes", n_train=8, n_val=4, imgsz=SIZE, seed=1)
+    data = root / "tiny.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root / "shapes"), "train": "images/train", "val": "images/val",
+                                    "names": dict(enumerate(CLASS_NAMES))}))
+    return data
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread (as the subprocess runs use): on a loaded machine several threads can stall each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_models_task_end_to_end(tiny_data, tmp_path):
+    """One real model and one missing YAML: each in its own worker; the failure is a row, not a crash of the run."""
+    out_csv, out_md = tmp_path / "bench.csv", tmp_path / "bench.md"
+    cmd = [sys.executable, "benchmarks.py", "--models", "yolov5n.yaml", "missing_model.yaml", "--img", str(SIZE),
+           "--runs", "2", "--warmup", "1", "--train-img", str(SIZE), "--train-batch", "2", "--train-iters", "2",
+           "--train-warmup", "1", "--workers", "1", "--data", str(tiny_data), "--data-batches", "1",
+           "--matmul-size", "256", "--matmul-runs", "2", "--threads", "1", "--csv", str(out_csv), "--md", str(out_md)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]  # 1: a model failed, the run finished
+
+    with open(out_csv, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = {r["model"]: r for r in reader}
+    assert set(POSITIVE_COLUMNS) <= set(reader.fieldnames)
+    good, bad = rows["yolov5n.yaml"], rows["missing_model.yaml"]
+    assert good["status"] == "ok", good["error"]
+    for column in POSITIVE_COLUMNS:
+        assert float(good[column]) > 0, column
+    assert float(good["params_m"]) == pytest.approx(1.872157)
+    assert float(good["peak_mib"]) >= float(good["peak_infer_mib"]) >= float(good["base_mib"])
+    assert (good["train_img"], good["train_batch"], good["train_iters"], good["threads"]) == (str(SIZE), "2", "2", "1")
+    assert bad["status"] == "failed" and "missing_model.yaml" in bad["error"]
+
+    report = out_md.read_text()
+    for text in ("command: python benchmarks.py --models yolov5n.yaml", "machine: ", "float32 matmul 256^3",
+                 f"onnxruntime @{SIZE} ms (eff.)", "| images/s |", "| yolov5n.yaml |"):
+        assert text in report, text
+    assert "command: python benchmarks.py" in out.stdout and "threads" in out.stdout
+
+
+def test_detect_loop_times_and_counts(tiny_data, tmp_path, one_thread):
+    """The e2e detect loop runs the folded model on every val image and reports per-image times and box counts."""
+    data = check_dataset(tiny_data)
+    weights = benchmarks.random_checkpoint("yolov5n.yaml", data, tmp_path / "random.pt")
+    result = benchmarks.time_detect(weights, data["val"], SIZE)
+    assert result["images"] == 4
+    assert all(result[f"{k}_ms"] > 0 for k in ("load", "pre", "inf", "nms"))
+    assert result["wall_s"] * 1e3 >= result["inf_ms"] * 4
+    assert result["val_candidates_per_image"] >= result["detect_candidates_per_image"] >= 0
+
+
+def test_efficiency_formulas_and_speed_line():
+    """Upstream's own figures give upstream's training efficiency; val.py's Speed line is parsed."""
+    assert benchmarks.train_efficiency(3.1, 4.15, 55.6) == pytest.approx(0.69, abs=0.005)
+    assert benchmarks.efficiency(16.6, 0.2708, 55.6) == pytest.approx(1.10, abs=0.01)
+    assert benchmarks.efficiency(None, 1.0, 55.6) is None
+    line = "Speed: 3.4ms pre-process, 324.8ms inference, 78.4ms NMS per image at shape (32, 3, 640, 640)"
+    assert benchmarks.parse_speed("...\n" + line) == (3.4, 324.8, 78.4)
+    with pytest.raises(RuntimeError, match="Speed"):
+        benchmarks.parse_speed("no timing here")
