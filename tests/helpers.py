@@ -39,13 +39,19 @@ def fold_error(model: nn.Module, x: torch.Tensor) -> float:
         if hasattr(folded, "fuse"):
             folded.fuse()
         else:
-            for m in list(folded.modules()):
-                if hasattr(m, "reparameterize"):
-                    m.reparameterize()
+            reparameterize_all(folded)
         after = folded.eval()(x)
     before = before[0] if isinstance(before, (tuple, list)) else before
     after = after[0] if isinstance(after, (tuple, list)) else after
     return rel_error(after, before)
+
+
+def reparameterize_all(model: nn.Module) -> nn.Module:
+    """Fold every module that can fold, parent first (what ``model.fuse()`` does)."""
+    for m in list(model.modules()):
+        if hasattr(m, "reparameterize"):
+            m.reparameterize()
+    return model
 
 
 def n_params(model: nn.Module) -> int:

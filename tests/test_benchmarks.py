@@ -34,15 +34,6 @@ def tiny_data(tmp_path_factory):
     return data
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread (as the subprocess runs use): on a loaded machine several threads can stall each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_models_task_end_to_end(tiny_data, tmp_path):
     """One real model and one missing YAML: each in its own worker; the failure is a row, not a crash of the run."""
     out_csv, out_md = tmp_path / "bench.csv", tmp_path / "bench.md"
@@ -73,7 +64,7 @@ def test_models_task_end_to_end(tiny_data, tmp_path):
     assert "command: python benchmarks.py" in out.stdout and "threads" in out.stdout
 
 
-def test_detect_loop_times_and_counts(tiny_data, tmp_path, one_thread):
+def test_detect_loop_times_and_counts(tiny_data, tmp_path):
     """The e2e detect loop runs the folded model on every val image and reports per-image times and box counts."""
     data = check_dataset(tiny_data)
     weights = benchmarks.random_checkpoint("yolov5n.yaml", data, tmp_path / "random.pt")

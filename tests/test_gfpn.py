@@ -17,24 +17,7 @@ from models.modules.gfpn import (
     RepConv,
     get_activation,
 )
-from tests.helpers import fold_error, n_params, randomize_bn, rel_error
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a shared 2-core machine, small convs run ~10x faster than with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reparameterize_all(model: nn.Module) -> nn.Module:
-    """Fold every module that can fold, parent first (what ``model.fuse()`` does)."""
-    for m in list(model.modules()):
-        if hasattr(m, "reparameterize"):
-            m.reparameterize()
-    return model
+from tests.helpers import reparameterize_all, fold_error, n_params, randomize_bn, rel_error
 
 
 def assert_fully_folded(model: nn.Module) -> None:

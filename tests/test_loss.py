@@ -47,15 +47,6 @@ def zero_preds(bs=2, img=64, nc=3):
     return [torch.zeros(bs, 3, img // int(s), img // int(s), nc + 5) for s in STRIDES]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # image 0, class 1, a 16x16 px box centred at (19.2, 38.4) in a 64x64 image
 ONE_TARGET = torch.tensor([[0.0, 1.0, 0.3, 0.6, 0.25, 0.25]])
 

@@ -17,26 +17,9 @@ from models.modules.repghost import (
     RepGhostModule,
     repghost_bottleneck_row,
 )
-from tests.helpers import fold_error, n_params, randomize_bn, rel_error
+from tests.helpers import reparameterize_all, fold_error, n_params, randomize_bn, rel_error
 
 REPGHOST_YAMLS = ["yolov5n_RepGhost.yaml", "yolov5s_RepGhost.yaml", "yolov5m_RepGhost.yaml"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: on a shared 2-core machine, small convs run ~10x faster than with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def reparameterize_all(model: nn.Module) -> nn.Module:
-    """Fold every module that can fold, parent first (what ``model.fuse()`` does)."""
-    for m in list(model.modules()):
-        if hasattr(m, "reparameterize"):
-            m.reparameterize()
-    return model
 
 
 def assert_fully_folded(model: nn.Module) -> None:

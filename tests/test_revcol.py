@@ -14,15 +14,6 @@ from tests.helpers import ROOT, n_params, rel_error
 SMALL = {"channels": [8, 16, 24, 32], "layers": [1, 2, 2, 1], "num_subnet": 3}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors run faster on one thread, much faster on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomized(model: FullNet, seed: int = 0) -> FullNet:
     """Non-trivial layer scales (the init 1e-6 hides the blocks) and shortcut scales of both signs."""
     g = torch.Generator().manual_seed(seed)

@@ -14,15 +14,6 @@ from models.modules.timm_backbone import YAML_MODULES, TimmBackbone
 from tests.helpers import fold_error, n_params, randomize_bn, rel_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors run faster on one thread, much faster on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def yolov5_log(caplog):
     """Records of the 'yolov5' logger, whether or not it propagates to the root logger."""
