@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -17,6 +18,8 @@ from PIL import Image
 
 from tests.helpers import ROOT, SHARED
 from utils.dataloaders import (
+    DatasetError,
+    InfiniteDataLoader,
     LoadImages,
     LoadImagesAndLabels,
     LoadStreams,
@@ -80,7 +83,7 @@ def odd_dataset(tmp_path: Path) -> Path:
     _label(_jpeg(images / "dupes.jpg"), GOOD + GOOD + "2 0.4 0.4 0.1 0.1\n")
     _label(_jpeg(images / "empty.jpg"), "")
     _jpeg(images / "nolabel.jpg")
-    _label(_jpeg(images / "sub dir ünï" / "名前 with space.jpg"), GOOD)
+    _label(_jpeg(images / "sub dir ünï [x]" / "名前 with space.jpg"), GOOD)
     _label(_jpeg(images / "polygon.jpg"), "2 0.1 0.2 0.5 0.2 0.3 0.6\n")
     cv2.imwrite(str(images / "tiny.png"), np.zeros((5, 5, 3), np.uint8))
     return images
@@ -306,6 +309,10 @@ def test_dataloader_seeded_workers_are_deterministic(shapes_dataset: Path):
     assert any(not torch.equal(x[0], y[0]) for x, y in zip(a, c))
     imgs, targets, _ = a[0]
     assert imgs.shape == (4, 3, 96, 96) and targets.shape[1] == 6
+    loader, ds = create_dataloader(shapes_dataset, 64, 5, 32, hyp=HYP, augment=True, workers=2, shuffle=True)
+    assert isinstance(loader, InfiniteDataLoader) and len(loader) == 3
+    epochs = [[p for _, _, paths, _ in loader for p in paths] for _ in range(2)]  # workers reused across epochs
+    assert all(sorted(e) == sorted(ds.im_files) for e in epochs) and epochs[0] != epochs[1]
     assert set(targets[:, 0].long().tolist()) <= {0, 1, 2, 3} and (targets[:, 2:] >= 0).all()
     assert (targets[:, 2:] <= 1).all()
 
@@ -321,6 +328,22 @@ def test_cache_modes_give_identical_items(shapes_dataset: Path):
     assert ram.ims[0] is not None
     with pytest.raises(ValueError, match="cache"):
         _dataset(shapes_dataset, cache_images="gpu")
+
+
+def test_nothing_usable_is_a_one_line_dataset_error(tmp_path: Path):
+    images = tmp_path / "images"
+    images.mkdir()
+    with pytest.raises(DatasetError, match="no images found"):
+        _dataset(images)
+    (images / "zero.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match="no usable images"):
+        _dataset(images)
+    _jpeg(images / "a.jpg")  # a background image: fine for validation, nothing to train on
+    assert len(_dataset(images)) == 1
+    with pytest.raises(DatasetError, match="all labels are empty"):
+        _dataset(images, augment=True, hyp=HYP)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        _dataset(tmp_path / "nowhere")
 
 
 def test_image_weights_indices_quad_single_cls_min_items(shapes_dataset: Path):
@@ -361,7 +384,7 @@ def test_rect_sorts_by_aspect_ratio_and_pads_batches(tmp_path: Path):
 
 
 def test_load_images_files_folders_videos(tmp_path: Path):
-    folder = tmp_path / "in put ü"
+    folder = tmp_path / "in put ü [1]"
     _jpeg(folder / "b.jpg", hw=(48, 64))
     _jpeg(folder / "a.png", hw=(30, 90))
     video = folder / "clip.avi"
@@ -375,7 +398,7 @@ def test_load_images_files_folders_videos(tmp_path: Path):
     assert im.shape == (3, 32, 64) and im0.shape == (30, 90, 3) and cap is None
     assert info.startswith("image 1/3 ") and info.endswith(": ")
     assert items[2][4].startswith("video 3/3 (1/3) ") and items[2][3] is not None
-    assert [Path(p).name for p, *_ in LoadImages(str(folder / "*.jpg"))] == ["b.jpg"]
+    assert [Path(p).name for p, *_ in LoadImages(os.path.join(glob.escape(str(folder)), "*.jpg"))] == ["b.jpg"]
     (tmp_path / "list.txt").write_text(f"{folder / 'a.png'}\n", encoding="utf-8")
     assert len(list(LoadImages(tmp_path / "list.txt"))) == 1
     with pytest.raises(FileNotFoundError, match="nothing_here"):
@@ -394,7 +417,7 @@ def test_streams_fail_fast_and_read_files(tmp_path: Path):
         assert time.time() - start < 5
     video = tmp_path / "v.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
-    for k in range(3):
+    for _ in range(3):
         writer.write(np.full((48, 64, 3), 60, np.uint8))
     writer.release()
     streams = LoadStreams(str(video), img_size=64)

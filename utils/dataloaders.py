@@ -45,15 +45,20 @@ from utils.augmentations import (
     random_perspective,
 )
 from utils.boxes import xywhn2xyxy, xyxy2xywh, xyxy2xywhn
-from utils.general import LOGGER, is_url
+from utils.general import LOGGER, UserInputError, is_url
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
 CACHE_VERSION = 1
 TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1)))
-LOADER_SEED_OFFSET = 0x5555_5555_5555_5555  # decorrelates the loader's generator from the global torch seed
+LOADER_SEED_OFFSET = 0x5555_5555_5555_5555  # upstream's loader-generator offset (same shuffles and worker seeds)
 EXIF_ORIENTATION = 0x0112
+MAX_CLASS_ID = 2**24  # larger ids are not exact in the float32 label arrays
+
+
+class DatasetError(UserInputError):
+    """A dataset with nothing usable in it (no images, only corrupt ones, no labels to train on); one line."""
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -88,7 +93,7 @@ def find_image_files(path: str | Path | list, prefix: str = "") -> list[str]:
     for p in path if isinstance(path, (list, tuple)) else [path]:
         p = Path(p)
         if p.is_dir():
-            files += glob.glob(str(p / "**" / "*.*"), recursive=True)
+            files += glob.glob(os.path.join(glob.escape(str(p)), "**", "*.*"), recursive=True)
         elif p.is_file():
             parent = str(p.parent) + os.sep
             lines = p.read_text(encoding="utf-8").strip().splitlines()
@@ -97,7 +102,7 @@ def find_image_files(path: str | Path | list, prefix: str = "") -> list[str]:
             raise FileNotFoundError(f"{prefix}{p} does not exist")
     images = sorted(os.path.abspath(f) for f in files if _suffix(f) in IMG_FORMATS)
     if not images:
-        raise FileNotFoundError(f"{prefix}no images found in {path}")
+        raise DatasetError(f"{prefix}no images found in {path}")
     return images
 
 
@@ -150,8 +155,8 @@ def _parse_row(fields: list[str]) -> tuple[list[float] | None, str]:
     if not (len(values) == 5 or (len(values) >= 7 and len(values) % 2 == 1)):
         return None, f"{len(values)} columns (expected 5, or a class and polygon x y pairs)"
     cls, coords = values[0], np.array(values[1:])
-    if cls < 0 or cls != int(cls):
-        return None, f"class {fields[0]} is not a non-negative integer"
+    if cls < 0 or cls != int(cls) or cls > MAX_CLASS_ID:
+        return None, f"class {fields[0]} is not an integer in [0, {MAX_CLASS_ID}]"
     if coords.min() < 0 or coords.max() > 1:
         return None, "coordinates outside [0, 1] (labels must be normalized)"
     if len(coords) > 4:  # polygon -> extent box
@@ -358,7 +363,7 @@ class LoadImagesAndLabels(Dataset):
         """Fill ``im_files``, ``label_files``, ``labels`` and ``shapes`` from the scanned (valid) images."""
         self.im_files = [f for f in self.im_files if f in images]
         if not self.im_files:
-            raise FileNotFoundError(f"{prefix}no usable images in {self.path}")
+            raise DatasetError(f"{prefix}no usable images in {self.path} (all corrupt)")
         self.label_files = img2label_paths(self.im_files)
         self.labels = [np.array(images[f]["labels"], dtype=np.float32).reshape(-1, 5) for f in self.im_files]
         self.shapes = np.array([images[f]["shape"] for f in self.im_files], dtype=np.int64)  # (w, h)
@@ -368,7 +373,7 @@ class LoadImagesAndLabels(Dataset):
             for lb in self.labels:
                 lb[:, 0] = 0
         if augment and not sum(len(lb) for lb in self.labels):
-            raise ValueError(f"{prefix}all labels are empty in {self.path}, cannot train")
+            raise DatasetError(f"{prefix}all labels are empty in {self.path}, cannot train")
         if min_items:
             self._keep(np.array([len(lb) >= min_items for lb in self.labels]), prefix)
 
@@ -499,7 +504,8 @@ class LoadImagesAndLabels(Dataset):
 
     def _load_any_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """A 4-image mosaic, or a 9-image one with probability ``hyp['mosaic9']`` (default 0)."""
-        nine = random.random() < self.hyp.get("mosaic9", 0.0)
+        p9 = self.hyp.get("mosaic9", 0.0)
+        nine = p9 and random.random() < p9  # no extra random draw when unused: same draws as upstream
         return self.load_mosaic9(index) if nine else self.load_mosaic(index)
 
     def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -612,6 +618,38 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
+class _RepeatSampler:
+    """Batch sampler wrapper that starts its batch sampler over forever (each pass draws a new shuffle)."""
+
+    def __init__(self, batch_sampler) -> None:
+        self.batch_sampler = batch_sampler
+
+    def __iter__(self) -> Iterator:
+        while True:
+            yield from self.batch_sampler
+
+
+class InfiniteDataLoader(DataLoader):
+    """DataLoader with one endless iterator over all epochs, so workers start once and prefetch across epoch ends.
+
+    Each ``iter(loader)`` (one epoch) takes ``len(loader)`` batches from it; the batch order, worker assignment
+    and hence the augmentation random draws are those of upstream's loader.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch_batches = len(self.batch_sampler)
+        object.__setattr__(self, "batch_sampler", _RepeatSampler(self.batch_sampler))  # DataLoader guards it
+        self._endless = super().__iter__()
+
+    def __len__(self) -> int:
+        return self._epoch_batches
+
+    def __iter__(self) -> Iterator:
+        for _ in range(self._epoch_batches):
+            yield next(self._endless)
+
+
 def create_dataloader(
     path: str | Path | list,
     imgsz: int,
@@ -635,9 +673,11 @@ def create_dataloader(
 ) -> tuple[DataLoader, LoadImagesAndLabels]:
     """Build the dataset and its DataLoader (DistributedSampler when ``rank != -1``).
 
-    Workers are seeded from a generator seeded with ``seed`` (+ rank), so a fixed seed gives identical batches.
-    Workers persist across epochs unless ``image_weights`` (train.py then resamples ``dataset.indices`` between
-    epochs, which fresh workers must see). ``nc``, when given, drops labels whose class id is >= nc.
+    Workers are seeded from a generator seeded with ``seed`` and the rank, so a fixed seed gives identical batches;
+    the shuffling, worker seeds and augmentation random draws follow upstream's, in upstream's order.
+    Workers persist across epochs (InfiniteDataLoader) unless ``image_weights``: train.py then resamples
+    ``dataset.indices`` between epochs, which fresh workers must see. ``nc``, when given, drops labels whose
+    class id is >= nc.
     """
     if rect and shuffle:
         LOGGER.warning("WARNING --rect is incompatible with DataLoader shuffle, setting shuffle=False")
@@ -652,8 +692,9 @@ def create_dataloader(
     num_workers = min((os.cpu_count() or 1) // devices, batch_size if batch_size > 1 else 0, workers)
     sampler = None if rank == -1 else DistributedSampler(dataset, shuffle=shuffle, seed=seed)
     generator = torch.Generator()
-    generator.manual_seed(LOADER_SEED_OFFSET + seed + max(rank, 0))
-    loader = DataLoader(
+    generator.manual_seed(LOADER_SEED_OFFSET + seed + rank)  # rank is -1 without DDP, as in upstream's formula
+    loader_class = DataLoader if image_weights else InfiniteDataLoader
+    loader = loader_class(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle and sampler is None,
@@ -663,7 +704,6 @@ def create_dataloader(
         collate_fn=LoadImagesAndLabels.collate_fn4 if quad else LoadImagesAndLabels.collate_fn,
         worker_init_fn=seed_worker,
         generator=generator,
-        persistent_workers=num_workers > 0 and not image_weights,
     )
     return loader, dataset
 
@@ -751,9 +791,8 @@ class LoadImages:
         """Next frame (every ``vid_stride``-th) of video ``path``, opening it first; None at its end."""
         if self.cap is None:
             self._open_video(path)
-        for _ in range(self.vid_stride):
-            self.cap.grab()
-        ok, im0 = self.cap.retrieve()
+        grabbed = all([self.cap.grab() for _ in range(self.vid_stride)])
+        ok, im0 = self.cap.retrieve() if grabbed else (False, None)
         return im0 if ok else None
 
     def _open_video(self, path: str) -> None:
@@ -805,7 +844,6 @@ class LoadStreams:
             t.start()
         shapes = {letterbox(f, img_size, stride=stride, auto=auto)[0].shape for f in self.frames}
         self.auto = auto and len(shapes) == 1  # a common shape allows minimal padding
-        self.count = -1
 
     def _first_frame(self, cap: cv2.VideoCapture, source: str) -> np.ndarray:
         ok, frame = cap.read()
@@ -828,11 +866,9 @@ class LoadStreams:
         self.running = False
 
     def __iter__(self) -> Iterator:
-        self.count = -1
         return self
 
     def __next__(self) -> tuple[list[str], np.ndarray, list[np.ndarray], None, str]:
-        self.count += 1
         if not self.running:
             self.close()
             raise StopIteration
@@ -841,7 +877,10 @@ class LoadStreams:
         return self.sources, np.ascontiguousarray(ims[..., ::-1].transpose((0, 3, 1, 2))), im0, None, ""
 
     def close(self) -> None:
+        """Stop the reader threads, then release the captures (never while a thread is still reading)."""
         self.running = False
+        for t in self.threads:
+            t.join(timeout=self.timeout)
         for cap in self.caps:
             cap.release()
 

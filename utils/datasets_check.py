@@ -106,6 +106,7 @@ def build_atomically(root: Path, build: Callable[[Path], object]) -> None:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private
         build(tmp)
         os.rename(tmp, root)
     except OSError:
