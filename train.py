@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from torch.optim import lr_scheduler
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
@@ -109,7 +110,7 @@ def custom_l2_setup(model: nn.Module) -> tuple[set[int], callable]:
     """RepVGG's custom L2 on equivalent kernels: (ids of weights it replaces weight decay for, penalty function)."""
     from models.modules import repvgg
 
-    return repvgg.custom_l2_parameter_ids(model), repvgg.repvgg_custom_l2
+    return {id(p) for p in repvgg.repvgg_custom_l2_parameters(model)}, repvgg.repvgg_custom_l2
 
 
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
@@ -155,19 +156,28 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     best_fitness, start_epoch = 0.0, 0
     amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    stopper, stop = EarlyStopping(patience=opt.patience), False
+    last_opt_step = -1
     if opt.resume:
         best_fitness, start_epoch = resume_state(ckpt, optimizer, scheduler, scaler, ema, epochs, opt.weights)
+        stopper.best_fitness, stopper.best_epoch = best_fitness, ckpt.get("best_epoch", start_epoch - 1)
+        last_opt_step = ckpt.get("last_opt_step", -1)
+        if main_process:
+            clean_interrupted_run(save_dir, start_epoch)
     del ckpt
 
     cuda = device.type == "cuda"
-    if opt.sync_bn and RANK != -1:
+    if opt.sync_bn and RANK != -1 and cuda:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
         LOGGER.info("Using SyncBatchNorm()")
+    elif opt.sync_bn:
+        LOGGER.warning("WARNING --sync-bn ignored: SyncBatchNorm needs DDP training on CUDA devices")
 
-    train_loader, dataset = create_dataloader(
-        train_path, imgsz, batch_size // WORLD_SIZE, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
-        rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
-        prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=nc)
+    with torch_distributed_zero_first(LOCAL_RANK):  # rank 0 scans and caches the labels first
+        train_loader, dataset = create_dataloader(
+            train_path, imgsz, batch_size // WORLD_SIZE, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
+            rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
+            prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=nc)
     labels = np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5))
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise UserInputError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
@@ -205,11 +215,9 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     t0 = time.time()
     nb = len(train_loader)
     nw = max(round(hyp["warmup_epochs"] * nb), 100)
-    last_opt_step = -1
     maps = np.zeros(nc)
     results = (0, 0, 0, 0, 0, 0, 0)
     scheduler.last_epoch = start_epoch - 1
-    stopper, stop = EarlyStopping(patience=opt.patience), False
     compute_loss = ComputeLoss(model)
     LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\n"
                 f"Using {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
@@ -219,13 +227,12 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         model.train()
+        seed_epoch(train_loader, opt.seed, epoch)
         if opt.image_weights:
             cw = bare.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
             iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
             dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
         mloss = torch.zeros(3, device=device)
-        if RANK != -1:
-            train_loader.sampler.set_epoch(epoch)
         pbar = enumerate(train_loader)
         LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
         if main_process:
@@ -246,15 +253,15 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             with torch.autocast(device.type, enabled=amp):
                 pred = model(imgs)
                 loss, loss_items = compute_loss(pred, targets.to(device))
-                if l2_penalty is not None:
-                    loss = loss + hyp["weight_decay"] * 0.5 * l2_penalty(bare) * batch_size
+                if l2_penalty is not None:  # replaces the optimizer's weight decay on the covered kernels
+                    loss = loss + 0.5 * hyp["weight_decay"] * l2_penalty(bare) / accumulate
                 if RANK != -1:
                     loss *= WORLD_SIZE
                 if opt.quad:
                     loss *= 4.0
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, batch {i} "
-                                         f"(box, obj, cls = {loss_items.tolist()})")
+                                         f"(box, obj, cls = {loss_items.tolist()}); {kept_checkpoint(last)}")
             scaler.scale(loss).backward()
             if ni - last_opt_step >= accumulate:
                 scaler.unscale_(optimizer)
@@ -290,11 +297,13 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
             if tb:
                 for k, v in zip(RESULT_KEYS, values):
                     tb.add_scalar(k, v, epoch)
+            check_not_diverged(epoch, last, results[4:], bare, ema.ema)
             if not opt.nosave or (final_epoch and not opt.evolve):
                 ckpt = make_checkpoint(
                     bare, ema=model_state(ema.ema), updates=ema.updates, optimizer=optimizer.state_dict(),
                     scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                    best_fitness=best_fitness, train_args=vars(opt), hyp=opt.hyp, rng=rng_state())
+                    best_fitness=best_fitness, best_epoch=stopper.best_epoch, last_opt_step=last_opt_step,
+                    train_args=vars(opt), hyp=opt.hyp, rng=rng_state())
                 save_checkpoint(ckpt, last)
                 if best_fitness == fi:
                     save_checkpoint(ckpt, best)
@@ -346,6 +355,51 @@ def resume_state(ckpt: dict, optimizer, scheduler, scaler, ema, epochs: int, wei
         raise UserInputError(f"{weights}: training to {epochs} epochs is finished, nothing to resume")
     LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
     return float(ckpt.get("best_fitness", 0.0)), start_epoch
+
+
+def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
+    """Seed every random draw of an epoch from (seed, epoch, rank) alone, so that a resumed run draws exactly what an
+    uninterrupted one does: the global RNGs (augmentation in the main process, --multi-scale, --image-weights), the
+    shuffle (a fresh generator, read when the epoch's pass over the sampler starts) and the base seed of the workers
+    of loader iterators created from now on."""
+    global_seed, shuffle_seed, worker_seed = np.random.SeedSequence([seed % 2**64, epoch, RANK + 1]).generate_state(3)
+    init_seeds(int(global_seed))
+    loader.generator.manual_seed(int(worker_seed))
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    elif isinstance(loader.sampler, RandomSampler):
+        loader.sampler.generator = torch.Generator().manual_seed(int(shuffle_seed))
+
+
+def kept_checkpoint(last: Path) -> str:
+    """Where the last good checkpoint of a failed run is, for the error message."""
+    return f"the last good checkpoint is kept in {last}" if last.is_file() else "no checkpoint was saved"
+
+
+def check_not_diverged(epoch: int, last: Path, val_losses: tuple, *models: nn.Module) -> None:
+    """Stop before a diverged model (NaN/Inf validation losses or weights) can overwrite the last good checkpoint."""
+    if not all(math.isfinite(x) for x in val_losses):
+        raise NonFiniteLossError(f"validation loss (box, obj, cls) is {[float(x) for x in val_losses]} at epoch "
+                                 f"{epoch}; {kept_checkpoint(last)}")
+    for model in models:
+        for name, value in model.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise NonFiniteLossError(f"weight {name} became NaN/Inf in epoch {epoch}; {kept_checkpoint(last)}")
+
+
+def clean_interrupted_run(save_dir: Path, start_epoch: int) -> None:
+    """Before resuming: drop results.csv rows of epochs that were not checkpointed (written just before a crash) and
+    temporary files of checkpoint writes that a crash interrupted."""
+    for tmp in (save_dir / "weights").glob(".*.pt.*.tmp"):
+        tmp.unlink()
+    file = save_dir / "results.csv"
+    if not file.is_file():
+        return
+    header, *rows = file.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if row.endswith("\n") and float(row.split(",")[0]) < start_epoch]
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(header + "".join(kept))
+    os.replace(tmp, file)
 
 
 def random_rescale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
@@ -465,35 +519,50 @@ def find_hyp(path) -> Path:
     raise UserInputError(f"{path}: hyperparameter file not found")
 
 
+def init_distributed(opt: argparse.Namespace, device: torch.device) -> torch.device:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); returns this rank's device."""
+    if opt.evolve or opt.image_weights:
+        raise UserInputError("--evolve and --image-weights are not compatible with DDP training")
+    if opt.batch_size % WORLD_SIZE:
+        raise UserInputError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
+    if device.type == "cuda":
+        torch.cuda.set_device(LOCAL_RANK)
+        device = torch.device("cuda", LOCAL_RANK)
+    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=10800))
+    LOGGER.info(f"DDP: {WORLD_SIZE} processes, {backend} backend, {opt.batch_size // WORLD_SIZE} images per batch each")
+    return device
+
+
+def new_run_dir(opt: argparse.Namespace) -> str:
+    """project/name, incremented (exp, exp2, ...) by rank 0 and shared with the other ranks."""
+    if opt.evolve:
+        opt.project = str(ROOT / "runs/evolve") if str(opt.project) == str(ROOT / "runs/train") else opt.project
+        opt.exist_ok, opt.resume = opt.resume, False
+    save_dir = [str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok)) if RANK in {-1, 0} else None]
+    if RANK != -1:
+        dist.broadcast_object_list(save_dir, 0)
+    return save_dir[0]
+
+
 def main(opt: argparse.Namespace) -> None:
-    if opt.resume and not opt.evolve:
+    resuming = opt.resume and not opt.evolve
+    if resuming:
         opt = prepare_resume(opt)
-    else:
-        if opt.cfg:
-            opt.cfg = str(find_model_yaml(opt.cfg))
-        if opt.evolve:
-            opt.project = str(ROOT / "runs/evolve") if str(opt.project) == str(ROOT / "runs/train") else opt.project
-            opt.exist_ok, opt.resume = opt.resume, False
-        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
-    if RANK in {-1, 0}:
-        print_args(vars(opt), "train")
-
+    elif opt.cfg:
+        opt.cfg = str(find_model_yaml(opt.cfg))
+    if LOCAL_RANK == -1 and "," in str(opt.device):
+        n = len(str(opt.device).split(","))
+        raise UserInputError(f"--device {opt.device}: several devices need one process each; launch with "
+                             f"torchrun --nproc_per_node {n} train.py --device {opt.device} ...")
     device = select_device(opt.device, batch_size=opt.batch_size)
-    if LOCAL_RANK != -1:
-        if opt.evolve or opt.image_weights:
-            raise UserInputError("--evolve and --image-weights are not compatible with DDP training")
-        if opt.batch_size % WORLD_SIZE:
-            raise UserInputError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
-        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
-        if device.type == "cuda":
-            torch.cuda.set_device(LOCAL_RANK)
-            device = torch.device("cuda", LOCAL_RANK)
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=10800))
-    elif "," in str(opt.device):
-        raise UserInputError(f"--device {opt.device}: several devices need torchrun, e.g. "
-                             f"torchrun --nproc_per_node {len(str(opt.device).split(','))} train.py --device {opt.device} ...")
-
     try:
+        if LOCAL_RANK != -1:
+            device = init_distributed(opt, device)
+        if not resuming:
+            opt.save_dir = new_run_dir(opt)
+        if RANK in {-1, 0}:
+            print_args(vars(opt), "train")
         if not opt.evolve:
             train(load_hyp(opt.hyp), opt, device)
         else:
@@ -501,7 +570,7 @@ def main(opt: argparse.Namespace) -> None:
 
             evolve(opt, device, load_hyp(opt.hyp), train)
     finally:
-        if WORLD_SIZE > 1 and RANK == 0 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -522,6 +591,5 @@ if __name__ == "__main__":
         LOGGER.error(f"ERROR: {e}")
         sys.exit(2)
     except NonFiniteLossError as e:
-        LOGGER.error(f"ERROR: training stopped: {e}. The last good checkpoint (if any) is kept in weights/last.pt; "
-                     "try a lower --hyp lr0, or check the labels.")
+        LOGGER.error(f"ERROR: training stopped: {e}. Try a lower --hyp lr0, or check the labels.")
         sys.exit(3)

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.backend import InferenceBackend  # noqa: E402
+from utils.backend import InferenceBackend, Stopwatch  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.datasets_check import check_dataset  # noqa: E402
@@ -31,23 +31,9 @@ from utils.general import (  # noqa: E402
 from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.plots import output_to_target, plot_images  # noqa: E402
-from utils.torch_utils import select_device, time_sync  # noqa: E402
+from utils.torch_utils import select_device  # noqa: E402
 
 TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
-
-
-class Stopwatch:
-    """Accumulates wall time over ``with`` blocks (CUDA-synchronised)."""
-
-    def __init__(self):
-        self.t = 0.0
-
-    def __enter__(self):
-        self.start = time_sync()
-        return self
-
-    def __exit__(self, *exc):
-        self.t += time_sync() - self.start
 
 
 def save_one_txt(predn: torch.Tensor, save_conf: bool, shape: tuple, file: Path) -> None:

@@ -201,6 +201,24 @@ def _measure_levels(module: nn.Module, c1: int, where: str) -> tuple[list[int | 
     return slots, chans
 
 
+def _first_line(error: Exception) -> str:
+    """The first line of an exception's message (torch's argument errors span many lines)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _check_anchors(anchors: Any, source: str) -> None:
+    """'anchors': None, a positive count per level, or rows of [w, h, w, h, ...] positive pixel sizes of one length."""
+    if anchors is None or (isinstance(anchors, int) and not isinstance(anchors, bool) and anchors > 0):
+        return
+    rows_ok = isinstance(anchors, list) and anchors and all(
+        isinstance(row, list) and row and len(row) % 2 == 0 and len(row) == len(anchors[0])
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf for v in row)
+        for row in anchors)
+    if not rows_ok:
+        raise ModelConfigError(f"{source}: 'anchors' must be a positive count or rows of [w, h, w, h, ...] pixel "
+                               f"sizes of equal length, got {anchors!r}")
+
+
 def parse_model(d: dict, ch: int, source: str = "model.yaml",
                 extra_modules: dict[str, tuple[Callable, str]] | None = None,
                 verbose: bool = True) -> tuple[nn.Sequential, list[int]]:
@@ -213,11 +231,12 @@ def parse_model(d: dict, ch: int, source: str = "model.yaml",
             raise ModelConfigError(f"{source}: missing or invalid '{key}' (a list of [from, number, module, args] rows)")
     nc, gd, gw = d.get("nc"), d.get("depth_multiple", 1.0), d.get("width_multiple", 1.0)
     anchors = d.get("anchors")
-    if not isinstance(nc, int) or nc < 1:
+    if not isinstance(nc, int) or isinstance(nc, bool) or nc < 1:
         raise ModelConfigError(f"{source}: 'nc' must be a positive integer, got {nc!r}")
     for key, v in (("depth_multiple", gd), ("width_multiple", gw)):
-        if not isinstance(v, (int, float)) or v <= 0:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
             raise ModelConfigError(f"{source}: '{key}' must be a positive number, got {v!r}")
+    _check_anchors(anchors, source)
     act = parse_activation(d["activation"], source) if d.get("activation") else None
     na = (len(anchors[0]) // 2) if isinstance(anchors, list) else anchors
     no = (na or 3) * (nc + 5)
@@ -237,6 +256,8 @@ def parse_model(d: dict, ch: int, source: str = "model.yaml",
         if name not in registry:
             raise ModelConfigError(f"{where}: unknown module '{name}'")
         ctor, kind = registry[name]
+        if len(froms) > 1 and kind not in ("concat", "detect"):
+            raise ModelConfigError(f"{where}: {name} takes one input, but 'from' lists {len(froms)} layers")
         inputs = [chans[j] for j in froms] if i else [ch]
         if any(c is None for c in inputs):
             raise ModelConfigError(f"{where}: 'from' {row[0]} refers to an empty backbone slot")
@@ -246,8 +267,8 @@ def parse_model(d: dict, ch: int, source: str = "model.yaml",
             module, c2, args = _build_row(ctor, kind, inputs, args, n_, gw, no, where)
         except ModelConfigError:
             raise
-        except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as e:
-            raise ModelConfigError(f"{where}: cannot build {name}{args}: {e}") from None
+        except (TypeError, ValueError, IndexError, KeyError, RuntimeError, ArithmeticError) as e:
+            raise ModelConfigError(f"{where}: cannot build {name}{args}: {_first_line(e)}") from None
         if act is not None:
             _apply_activation(module, act)
         f = froms[0] if len(froms) == 1 else froms
@@ -280,8 +301,8 @@ def _build_row(ctor: Callable, kind: str, inputs: list[int], args: list, n: int,
         if not args:
             raise ModelConfigError(f"{where}: missing output channels (args[0])")
         c2 = args[0]
-        if not isinstance(c2, int):
-            raise ModelConfigError(f"{where}: output channels args[0] must be an integer, got {c2!r}")
+        if not isinstance(c2, int) or isinstance(c2, bool) or c2 < 1:
+            raise ModelConfigError(f"{where}: output channels args[0] must be a positive integer, got {c2!r}")
         if c2 != no:
             c2 = make_divisible(c2 * gw, 8)
         args = [c1, c2, *args[1:]]
@@ -415,8 +436,9 @@ class DetectionModel(BaseModel):
             with torch.no_grad():
                 m.training = True  # raw maps, no decoding
                 outs = self.forward(torch.zeros(1, ch, s, s))
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            raise ModelConfigError(f"{source}: the layers do not fit together (a test forward failed: {e})") from None
+        except (RuntimeError, ValueError, TypeError, IndexError, ArithmeticError) as e:
+            raise ModelConfigError(f"{source}: the layers do not fit together (a test forward failed: "
+                                   f"{_first_line(e)})") from None
         finally:
             self.train(was_training)
         return [s / x.shape[-2] for x in outs]

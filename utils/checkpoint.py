@@ -42,10 +42,17 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> None:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -59,8 +66,9 @@ def load_checkpoint(path: str | Path) -> dict:
         from utils.upstream import convert_upstream_checkpoint
 
         return convert_upstream_checkpoint(path)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # a damaged or foreign file can make the unpickler raise almost anything
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "yaml" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a YOLOv5 checkpoint (no model definition inside)")
     return ckpt

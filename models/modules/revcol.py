@@ -227,7 +227,8 @@ class SubNet(nn.Module):
 
     def forward(self, x: torch.Tensor, *prev: torch.Tensor | float) -> list[torch.Tensor]:
         """New states c0..c3 from the stem output ``x`` and the previous column's ``prev`` (0s for the first)."""
-        self.clamp_alphas()
+        if self.training:  # in place; eval (and export) use the alphas as the last training step left them
+            self.clamp_alphas()
         if self.save_memory and torch.is_grad_enabled():
             params = [p for level in self.levels for p in level.parameters()]
             return list(ReversibleColumn.apply(self.levels, x, *prev, *self.alphas, *params))

@@ -1,0 +1,340 @@
+"""Run YOLOv5 detection on images, videos, folders, globs, lists, webcams and streams.
+
+Usage - sources:
+    python detect.py --weights best.pt --source 0                               # webcam
+                                                img.jpg                         # image
+                                                vid.mp4                         # video
+                                                path/                           # directory
+                                                list.txt                        # list of images
+                                                'path/*.jpg'                    # glob
+                                                'rtsp://example.com/media.mp4'  # RTSP, RTMP, HTTP stream
+
+Usage - formats:
+    python detect.py --weights best.pt                 # PyTorch checkpoint (folded before inference)
+                               best.torchscript        # TorchScript (export.py --include torchscript)
+                               best.onnx               # ONNX Runtime, or OpenCV DNN with --dnn
+
+Results go to runs/detect/exp*: annotated images and videos, and with --save-txt labels/*.txt
+(class x y w h [conf], normalized), --save-csv predictions.csv, --save-crop crops/<class>/*.jpg.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from utils.backend import InferenceBackend, Stopwatch, class_counts  # noqa: E402
+from utils.boxes import clip_boxes, scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
+from utils.dataloaders import LoadImages, LoadStreams, is_stream_source  # noqa: E402
+from utils.general import (  # noqa: E402
+    LOGGER, UserInputError, check_img_size, colorstr, increment_path, print_args, set_logging,
+)
+from utils.nms import non_max_suppression  # noqa: E402
+from utils.plots import Annotator, colors  # noqa: E402
+from utils.torch_utils import select_device  # noqa: E402
+from val import save_one_txt  # noqa: E402
+
+CSV_COLUMNS = ("Image Name", "Prediction", "Confidence", "xmin", "ymin", "xmax", "ymax")
+
+
+def display_available() -> bool:
+    """Whether cv2.imshow can open a window here (never on headless OpenCV builds or without a display)."""
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    try:
+        cv2.imshow("test", np.zeros((8, 8, 3), dtype=np.uint8))
+        cv2.waitKey(1)
+        cv2.destroyAllWindows()
+        return True
+    except cv2.error:
+        return False
+
+
+def imwrite(path: str | Path, im: np.ndarray) -> None:
+    """cv2.imwrite that also works for non-ASCII paths."""
+    ok, buffer = cv2.imencode(Path(path).suffix or ".jpg", im)
+    if not ok:
+        raise OSError(f"could not encode image {path}")
+    buffer.tofile(str(path))
+
+
+def save_one_box(xyxy, im: np.ndarray, file: Path, gain: float = 1.02, pad: int = 10, square: bool = False,
+                 save: bool = True) -> np.ndarray:
+    """Crop box ``xyxy`` (grown by ``gain`` and ``pad`` pixels, clipped to the image) out of BGR image ``im``.
+
+    With ``save`` the crop is written to ``file`` (name incremented when taken: x.jpg, x2.jpg, ...).
+    """
+    b = xyxy2xywh(torch.as_tensor(xyxy, dtype=torch.float32).view(-1, 4))
+    if square:
+        b[:, 2:] = b[:, 2:].max(1, keepdim=True)[0]
+    b[:, 2:] = b[:, 2:] * gain + pad
+    x1, y1, x2, y2 = clip_boxes(xywh2xyxy(b), im.shape).long()[0].tolist()
+    crop = im[y1:y2, x1:x2]
+    if save:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        imwrite(increment_path(file.with_suffix(".jpg")), crop)
+    return crop
+
+
+def write_csv(file: Path, image_name: str, det: torch.Tensor, names: dict[int, str]) -> None:
+    """Append one row per detection (upstream's three columns, then the box in pixels)."""
+    new = not file.exists()
+    with open(file, "a", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(CSV_COLUMNS)
+        for *xyxy, conf, cls in det.tolist():
+            writer.writerow([image_name, names[int(cls)], f"{conf:.2f}", *(f"{v:.1f}" for v in xyxy)])
+
+
+class VideoSaver:
+    """One mp4v writer per video or stream slot, reopened when the output path changes."""
+
+    def __init__(self):
+        self.paths: dict[int, str] = {}
+        self.writers: dict[int, cv2.VideoWriter] = {}
+
+    def write(self, i: int, path: str, frame: np.ndarray, cap: cv2.VideoCapture | None) -> None:
+        if self.paths.get(i) != path:
+            self.paths[i] = path
+            if i in self.writers:
+                self.writers[i].release()
+            fps = (cap.get(cv2.CAP_PROP_FPS) if cap else 0) or 30
+            h, w = frame.shape[:2]
+            self.writers[i] = cv2.VideoWriter(str(Path(path).with_suffix(".mp4")), cv2.VideoWriter_fourcc(*"mp4v"),
+                                              fps, (w, h))
+        self.writers[i].write(frame)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.release()
+
+
+class ResultSaver:
+    """Per image, what the flags ask for: labels, CSV rows, crops, the annotated image or video frame."""
+
+    def __init__(self, save_dir: Path, names: dict[int, str], save_txt: bool = False, save_conf: bool = False,
+                 save_csv: bool = False, save_crop: bool = False, save_img: bool = True, view_img: bool = False,
+                 line_thickness: int = 3, hide_labels: bool = False, hide_conf: bool = False):
+        self.save_dir, self.names = save_dir, names
+        self.save_txt, self.save_conf, self.save_csv, self.save_crop = save_txt, save_conf, save_csv, save_crop
+        self.save_img, self.view_img = save_img, view_img
+        self.line_thickness, self.hide_labels, self.hide_conf = line_thickness, hide_labels, hide_conf
+        self.videos = VideoSaver()
+
+    def __call__(self, det: torch.Tensor, im0: np.ndarray, p: Path, frame: int, mode: str, slot: int = 0,
+                 cap: cv2.VideoCapture | None = None) -> None:
+        """Save the results ``det`` (boxes in ``im0`` pixels) of image ``p`` (frame ``frame`` in video/stream mode)."""
+        if self.save_txt and len(det):
+            suffix = "" if mode == "image" else f"_{frame}"
+            save_one_txt(det, self.save_conf, im0.shape[:2], self.save_dir / "labels" / f"{p.stem}{suffix}.txt")
+        if self.save_csv:
+            write_csv(self.save_dir / "predictions.csv", p.name, det, self.names)
+        if self.save_crop:
+            for *xyxy, _, cls in det.tolist():
+                save_one_box(xyxy, im0, self.save_dir / "crops" / self.names[int(cls)] / f"{p.stem}.jpg")
+        if not (self.save_img or self.view_img):
+            return
+        im0 = self.annotate(det, im0)
+        if self.view_img:
+            cv2.imshow(str(p), im0)
+            cv2.waitKey(1)
+        if self.save_img and mode == "image":
+            imwrite(self.save_dir / p.name, im0)
+        elif self.save_img:
+            self.videos.write(slot, str(self.save_dir / p.name), im0, cap)
+
+    def annotate(self, det: torch.Tensor, im0: np.ndarray) -> np.ndarray:
+        """Boxes in class colours with 'name conf' labels (as --hide-labels/--hide-conf allow), drawn on ``im0``."""
+        annotator = Annotator(im0, line_width=self.line_thickness, example=str(self.names))
+        for *xyxy, conf, cls in reversed(det.tolist()):
+            c = int(cls)
+            label = "" if self.hide_labels else self.names[c] if self.hide_conf else f"{self.names[c]} {conf:.2f}"
+            annotator.box_label(xyxy, label, color=colors(c, bgr=True))
+        return annotator.result()
+
+
+def load_backend(weights, device: torch.device, half: bool, dnn: bool, data) -> InferenceBackend:
+    """The model behind ``--weights`` (one file), with a clear error when it is missing."""
+    if isinstance(weights, (list, tuple)):
+        if len(weights) != 1:
+            names = " ".join(map(str, weights))
+            raise UserInputError(f"--weights {names}: give one model (ensembles are not supported)")
+        weights = weights[0]
+    if not Path(weights).is_file():
+        raise UserInputError(f"--weights {weights}: file not found (train one with train.py, or export one with "
+                             "export.py, and pass its path)")
+    return InferenceBackend(weights, device, fp16=half, dnn=dnn, data=data)
+
+
+def inference_size(model: InferenceBackend, imgsz: list[int]) -> list[int]:
+    """--imgsz rounded to the stride, or the input size a fixed-shape export was traced at."""
+    imgsz = check_img_size(imgsz, s=model.stride)
+    if model.static_shape and list(model.static_shape[2:]) != imgsz:
+        LOGGER.warning(f"WARNING --imgsz {imgsz} differs from the {model.kind} model's fixed input "
+                       f"{list(model.static_shape[2:])}; using {list(model.static_shape[2:])}")
+        return list(model.static_shape[2:])
+    return imgsz
+
+
+def supported_options(model: InferenceBackend, augment: bool, visualize: bool, view_img: bool) -> tuple[bool, ...]:
+    """(augment, visualize, view_img), switched off with a warning where this model or machine cannot do them."""
+    if (augment or visualize) and model.kind != ".pt":
+        LOGGER.warning(f"WARNING --augment and --visualize need a .pt model; ignored for {model.kind}")
+        augment = visualize = False
+    if view_img and not display_available():
+        LOGGER.warning("WARNING --view-img: no display available (headless OpenCV or no $DISPLAY); not showing results")
+        view_img = False
+    return augment, visualize, view_img
+
+
+def open_source(source: str, imgsz: list[int], model: InferenceBackend, vid_stride: int) -> LoadImages | LoadStreams:
+    """Streams (webcam index, URL, .streams list) or files; letterboxed to the minimal stride multiple
+    unless the model takes one fixed shape. An unreachable stream raises ConnectionError within seconds."""
+    kwargs = dict(img_size=imgsz, stride=model.stride, auto=model.static_shape is None, vid_stride=vid_stride)
+    return LoadStreams(source, **kwargs) if is_stream_source(source) else LoadImages(source, **kwargs)
+
+
+def log_summary(timers: tuple[Stopwatch, ...], seen: int, imgsz: list[int], save_dir: Path, save_txt: bool,
+                saved: bool) -> None:
+    """Upstream's closing lines: mean speeds, then where the results went."""
+    speeds = tuple(x.t / max(seen, 1) * 1e3 for x in timers)
+    LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *imgsz)}" % speeds)
+    if saved:
+        n_labels = len(list(save_dir.glob("labels/*.txt")))
+        labels = f"\n{n_labels} labels saved to {save_dir / 'labels'}" if save_txt else ""
+        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{labels}")
+
+
+@torch.no_grad()
+def run(
+    weights: str | Path | list = ROOT / "runs/train/exp/weights/best.pt",
+    source: str | Path = ROOT / "data/images",
+    data: str | Path = ROOT / "data/shapes.yaml",
+    imgsz: tuple[int, int] | list[int] = (640, 640),
+    conf_thres: float = 0.25,
+    iou_thres: float = 0.45,
+    max_det: int = 1000,
+    device: str = "",
+    view_img: bool = False,
+    save_txt: bool = False,
+    save_conf: bool = False,
+    save_csv: bool = False,
+    save_crop: bool = False,
+    nosave: bool = False,
+    classes: list[int] | None = None,
+    agnostic_nms: bool = False,
+    augment: bool = False,
+    visualize: bool = False,
+    project: str | Path = ROOT / "runs/detect",
+    name: str = "exp",
+    exist_ok: bool = False,
+    line_thickness: int = 3,
+    hide_labels: bool = False,
+    hide_conf: bool = False,
+    half: bool = False,
+    dnn: bool = False,
+    vid_stride: int = 1,
+) -> Path:
+    """Detect objects in ``source`` and save the results; returns the output folder."""
+    device = select_device(device)
+    model = load_backend(weights, device, half, dnn, data)
+    imgsz = inference_size(model, list(imgsz))
+    augment, visualize, view_img = supported_options(model, augment, visualize, view_img)
+    dataset = open_source(str(source), imgsz, model, vid_stride)
+    webcam = isinstance(dataset, LoadStreams)
+    save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
+    (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
+    saver = ResultSaver(save_dir, model.names, save_txt, save_conf, save_csv, save_crop, not nosave, view_img,
+                        line_thickness, hide_labels, hide_conf)
+
+    model.warmup(imgsz=(len(dataset) if webcam and model.kind != ".pt" else 1, 3, *imgsz))
+    timers, seen = (Stopwatch(), Stopwatch(), Stopwatch()), 0
+    try:
+        for path, im, im0s, vid_cap, s in dataset:
+            with timers[0]:
+                im = torch.from_numpy(im).to(device)
+                im = (im.half() if model.fp16 else im.float()) / 255
+                im = im[None] if im.ndim == 3 else im
+            with timers[1]:
+                vis_dir = increment_path(save_dir / Path(path).stem, mkdir=True) if visualize else False
+                pred = model(im, augment=augment, visualize=vis_dir)
+            with timers[2]:
+                pred = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det)
+            for i, det in enumerate(pred):
+                seen += 1
+                if webcam:
+                    p, im0, frame, prefix = path[i], im0s[i].copy(), dataset.count, f"{i}: "
+                else:
+                    p, im0, frame, prefix = path, im0s.copy(), dataset.frame, ""
+                scale_boxes(im.shape[2:], det[:, :4], im0.shape).round_()
+                saver(det, im0, Path(p), frame, getattr(dataset, "mode", "stream"), i, vid_cap)
+                found = "".join(f"{c}, " for c in class_counts(det, model.names)) or "(no detections), "
+                LOGGER.info(f"{s}{prefix}{im.shape[2]}x{im.shape[3]} {found}{timers[1].dt * 1e3:.1f}ms")
+    finally:
+        saver.videos.close()
+        if webcam:
+            dataset.close()
+    log_summary(timers, seen, imgsz, save_dir, save_txt, saved=save_txt or not nosave or save_csv or save_crop)
+    return save_dir
+
+
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
+                        help="model path (.pt, .torchscript, .onnx)")
+    parser.add_argument("--source", type=str, default=ROOT / "data/images", help="file/dir/glob/.txt/URL, 0 for webcam")
+    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="dataset.yaml (names fallback)")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="inference size h,w")
+    parser.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
+    parser.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
+    parser.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--view-img", action="store_true", help="show results")
+    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
+    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
+    parser.add_argument("--save-csv", action="store_true", help="save results in CSV format")
+    parser.add_argument("--save-crop", action="store_true", help="save cropped prediction boxes")
+    parser.add_argument("--nosave", action="store_true", help="do not save images/videos")
+    parser.add_argument("--classes", nargs="+", type=int, help="filter by class: --classes 0, or --classes 0 2 3")
+    parser.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
+    parser.add_argument("--augment", action="store_true", help="augmented inference")
+    parser.add_argument("--visualize", action="store_true", help="visualize features")
+    parser.add_argument("--project", default=ROOT / "runs/detect", help="save results to project/name")
+    parser.add_argument("--name", default="exp", help="save results to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--line-thickness", default=3, type=int, help="bounding box thickness (pixels)")
+    parser.add_argument("--hide-labels", default=False, action="store_true", help="hide labels")
+    parser.add_argument("--hide-conf", default=False, action="store_true", help="hide confidences")
+    parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference")
+    parser.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
+    parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
+    opt = parser.parse_args(argv)
+    opt.imgsz *= 2 if len(opt.imgsz) == 1 else 1
+    return opt
+
+
+def main(opt: argparse.Namespace) -> Path:
+    return run(**vars(opt))
+
+
+if __name__ == "__main__":
+    set_logging()
+    options = parse_opt()
+    print_args(vars(options), "detect")
+    try:
+        main(options)
+    except (UserInputError, FileNotFoundError, ConnectionError) as e:
+        LOGGER.error(f"ERROR: {e}")
+        sys.exit(2)
