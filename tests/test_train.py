@@ -99,3 +99,23 @@ def test_val_reproduces_upstream_figures_on_bccd():
     mp, mr, map50, map5095 = results[:4]
     assert abs(map50 - float(up[3])) <= 0.003
     assert abs(map5095 - float(up[4])) <= 0.003
+
+
+def test_evolve_two_generations(tiny_data, tmp_path):
+    run_script("train.py", "--cfg", "yolov5n.yaml", "--data", str(tiny_data), "--img", "64", "--epochs", "1",
+               "--batch-size", "4", "--workers", "0", "--evolve", "2", "--project", str(tmp_path), "--name", "evo",
+               "--noautoanchor")
+    rows = (tmp_path / "evo" / "evolve.csv").read_text().splitlines()
+    assert len(rows) == 3 and "lr0" in rows[0]
+    best = yaml.safe_load((tmp_path / "evo" / "hyp_evolve.yaml").read_text())
+    assert 1e-5 <= best["lr0"] <= 0.1 and "mosaic" in best
+
+
+def test_fine_tune_from_upstream_checkpoint(tiny_data, tmp_path):
+    out = run_script("train.py", "--weights", str(SHARED / "fixtures" / "upstream_yolov5n_bccd.pt"), "--data",
+                     str(tiny_data), "--img", "64", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                     "--project", str(tmp_path), "--name", "ft", "--noplots")
+    # every tensor but the 3 class-dependent head convs (weights + biases) transfers to the 5-class model
+    found = re.search(r"Transferred (\d+)/(\d+) items", out)
+    assert found and int(found[1]) == int(found[2]) - 6
+    assert torch.load(tmp_path / "ft" / "weights" / "last.pt", weights_only=True)["nc"] == 5
