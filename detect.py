@@ -38,7 +38,7 @@ from utils.backend import InferenceBackend, Stopwatch, class_counts  # noqa: E40
 from utils.boxes import clip_boxes, scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
 from utils.dataloaders import LoadImages, LoadStreams, is_stream_source  # noqa: E402
 from utils.general import (  # noqa: E402
-    LOGGER, UserInputError, check_img_size, colorstr, increment_path, print_args, set_logging,
+    LOGGER, UserInputError, check_img_size, colorstr, increment_path, run_cli,
 )
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.plots import Annotator, colors  # noqa: E402
@@ -330,11 +330,4 @@ def main(opt: argparse.Namespace) -> Path:
 
 
 if __name__ == "__main__":
-    set_logging()
-    options = parse_opt()
-    print_args(vars(options), "detect")
-    try:
-        main(options)
-    except (UserInputError, FileNotFoundError, ConnectionError) as e:
-        LOGGER.error(f"ERROR: {e}")
-        sys.exit(2)
+    run_cli(main, parse_opt, "detect", errors=(FileNotFoundError, ConnectionError))

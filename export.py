@@ -42,7 +42,7 @@ from utils.backend import (  # noqa: E402
     ONNX_METADATA_KEY, TORCHSCRIPT_METADATA_FILE, InferenceBackend, names_from_data,
 )
 from utils.checkpoint import CheckpointError, load_model  # noqa: E402
-from utils.general import LOGGER, UserInputError, check_img_size, colorstr, print_args, set_logging  # noqa: E402
+from utils.general import LOGGER, UserInputError, check_img_size, colorstr, run_cli  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx"}
@@ -351,11 +351,4 @@ def main(opt: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    set_logging()
-    options = parse_opt()
-    print_args(vars(options), "export")
-    try:
-        main(options)
-    except UserInputError as e:
-        LOGGER.error(f"ERROR: {e}")
-        sys.exit(2)
+    run_cli(main, parse_opt, "export")

@@ -26,7 +26,7 @@ from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.datasets_check import check_dataset  # noqa: E402
 from utils.general import (  # noqa: E402
-    LOGGER, UserInputError, check_img_size, colorstr, increment_path, print_args, set_logging,
+    LOGGER, UserInputError, check_img_size, colorstr, increment_path, run_cli,
 )
 from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
@@ -305,11 +305,4 @@ def main(opt: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    set_logging()
-    options = parse_opt()
-    print_args(vars(options), "val")
-    try:
-        main(options)
-    except UserInputError as e:
-        LOGGER.error(f"ERROR: {e}")
-        sys.exit(2)
+    run_cli(main, parse_opt, "val")

@@ -63,12 +63,7 @@ def write_video(path: Path, frames: int = VIDEO_FRAMES) -> Path:
 def weights(tmp_path_factory) -> Path:
     """best.pt, with best.torchscript and best.onnx exported beside it at IMGSZ (fixed shape)."""
     path = trained_checkpoint(tmp_path_factory.mktemp("weights") / "best.pt")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        export.run(weights=path, include=["torchscript", "onnx"], imgsz=[IMGSZ, IMGSZ])
-    finally:
-        torch.set_num_threads(threads)
+    export.run(weights=path, include=["torchscript", "onnx"], imgsz=[IMGSZ, IMGSZ])
     return path
 
 

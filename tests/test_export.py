@@ -37,14 +37,6 @@ WIDTH_DIVISOR = 4
 TOLERANCE = 1e-4  # relative error (max |a - b| / max |b|) between exported and PyTorch outputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def narrow_revcol(variant: str, divisor: int, c1: int = 3) -> revcol.FullNet:
     """A RevCol variant with its channels divided by ``divisor`` (same blocks per level and columns)."""
     channels, layers, columns, _ = revcol.VARIANTS[variant]

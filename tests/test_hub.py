@@ -24,14 +24,6 @@ IMAGES = [str(p) for p in sorted((ROOT / "data/images").glob("*.jpg"))]
 SIZE = 320
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hub_load(model: str, **kwargs):
     return torch.hub.load(str(ROOT), model, source="local", trust_repo=True, **kwargs)
 

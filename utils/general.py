@@ -32,6 +32,18 @@ class UserInputError(ValueError):
     """Bad user input (a file, a YAML key, a flag); the message is one line that names the culprit."""
 
 
+def run_cli(main, parse_opt, name: str, errors: tuple = ()) -> None:
+    """Entry point of a script: logging, the argument echo, and user errors as one ERROR line with exit code 2."""
+    set_logging()
+    options = parse_opt()
+    print_args(vars(options), name)
+    try:
+        main(options)
+    except (UserInputError, *errors) as e:
+        LOGGER.error(f"ERROR: {e}")
+        sys.exit(2)
+
+
 def make_divisible(x: float, divisor: int) -> int:
     """Smallest multiple of ``divisor`` that is >= x."""
     return int(math.ceil(x / divisor) * divisor)
