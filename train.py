@@ -322,17 +322,18 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
         for f in (last, best):
             if f.exists():
                 strip_optimizer(f)
-        if best.exists() and not opt.evolve:
+        if plots:
+            plot_results(file=save_dir / "results.csv")
+        if tb:
+            tb.close()
+        if best.exists() and not opt.evolve:  # val.py ends with "Results saved to <save_dir>"
             LOGGER.info(f"\nValidating {best}...")
             results, _, _ = validate.run(data_dict, weights=best, batch_size=batch_size // WORLD_SIZE * 2,
                                          imgsz=imgsz, iou_thres=0.6, single_cls=opt.single_cls, verbose=True,
                                          plots=plots, project=save_dir.parent, name=save_dir.name, exist_ok=True,
                                          device=str(device.index if cuda else "cpu"))
-        if plots:
-            plot_results(file=save_dir / "results.csv")
-        if tb:
-            tb.close()
-        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
+        else:
+            LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     torch.cuda.empty_cache()
     return results
 
