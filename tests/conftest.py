@@ -1,5 +1,7 @@
 """Suite-wide settings."""
 
+import logging
+
 import pytest
 import torch
 
@@ -12,3 +14,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def yolov5_logs_reach_caplog():
+    """`set_logging()` (called by the scripts and hubconf when a test runs them in-process) stops the
+    'yolov5' logger from propagating, which hides its records from pytest's caplog in every later
+    test; each test starts with propagation on, whatever ran before it."""
+    logger = logging.getLogger("yolov5")
+    propagate = logger.propagate
+    logger.propagate = True
+    yield
+    logger.propagate = propagate
