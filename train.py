@@ -25,7 +25,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 from torch.optim import lr_scheduler
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parent
@@ -39,7 +38,7 @@ from utils.checkpoint import (  # noqa: E402
     build_model, load_checkpoint, make_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state,
     strip_optimizer,
 )
-from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.dataloaders import create_dataloader, epoch_seeds  # noqa: E402
 from utils.datasets_check import check_dataset  # noqa: E402
 from utils.general import (  # noqa: E402
     LOGGER, UserInputError, check_img_size, colorstr, increment_path, print_args, set_logging, yaml_load, yaml_save,
@@ -177,7 +176,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
         train_loader, dataset = create_dataloader(
             train_path, imgsz, batch_size // WORLD_SIZE, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
             rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
-            prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=nc)
+            prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=nc, start_epoch=start_epoch)
     labels = np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5))
     if len(labels) and int(labels[:, 0].max()) >= nc:
         raise UserInputError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
@@ -227,7 +226,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
     epoch = start_epoch
     for epoch in range(start_epoch, epochs):
         model.train()
-        seed_epoch(train_loader, opt.seed, epoch)
+        seed_epoch(opt.seed, epoch)
         if opt.image_weights:
             cw = bare.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
             iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
@@ -358,18 +357,11 @@ def resume_state(ckpt: dict, optimizer, scheduler, scaler, ema, epochs: int, wei
     return float(ckpt.get("best_fitness", 0.0)), start_epoch
 
 
-def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:
-    """Seed every random draw of an epoch from (seed, epoch, rank) alone, so that a resumed run draws exactly what an
-    uninterrupted one does: the global RNGs (augmentation in the main process, --multi-scale, --image-weights), the
-    shuffle (a fresh generator, read when the epoch's pass over the sampler starts) and the base seed of the workers
-    of loader iterators created from now on."""
-    global_seed, shuffle_seed, worker_seed = np.random.SeedSequence([seed % 2**64, epoch, RANK + 1]).generate_state(3)
-    init_seeds(int(global_seed))
-    loader.generator.manual_seed(int(worker_seed))
-    if isinstance(loader.sampler, DistributedSampler):
-        loader.sampler.set_epoch(epoch)
-    elif isinstance(loader.sampler, RandomSampler):
-        loader.sampler.generator = torch.Generator().manual_seed(int(shuffle_seed))
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed the global RNGs (main-process draws: --multi-scale, --image-weights) from (seed, epoch, rank) alone, so a
+    resumed run draws what an uninterrupted one does; the loader's shuffles and augmentation draws are seeded per
+    epoch by its own sampler (``SeededBatchSampler``, started at the run's first epoch)."""
+    init_seeds(epoch_seeds(seed, epoch, RANK)[0])
 
 
 def kept_checkpoint(last: Path) -> str:

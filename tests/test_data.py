@@ -297,16 +297,24 @@ def _batches(loader, n=2) -> list:
     return out
 
 
-def test_dataloader_seeded_workers_are_deterministic(shapes_dataset: Path):
-    def run(seed: int) -> list:
-        loader, _ = create_dataloader(shapes_dataset, 96, 4, 32, hyp=HYP, augment=True, workers=2, shuffle=True,
-                                      seed=seed)
-        return _batches(loader)
-
-    a, b, c = run(3), run(3), run(4)
+def _assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
     for (ia, ta, pa), (ib, tb, pb) in zip(a, b):
         assert torch.equal(ia, ib) and torch.equal(ta, tb) and pa == pb
+
+
+def test_dataloader_seeded_workers_are_deterministic(shapes_dataset: Path):
+    def run(seed: int, workers: int = 2, start_epoch: int = 0, epochs: int = 1) -> list:
+        loader, _ = create_dataloader(shapes_dataset, 96, 4, 32, hyp=HYP, augment=True, workers=workers, shuffle=True,
+                                      seed=seed, start_epoch=start_epoch)
+        return [batch for _ in range(epochs) for batch in _batches(loader, len(loader))]
+
+    a, b, c = run(3), run(3), run(4)
+    _assert_same_batches(a, b)
+    _assert_same_batches(a, run(3, workers=0))  # batches do not depend on the number of workers
     assert any(not torch.equal(x[0], y[0]) for x, y in zip(a, c))
+    two_epochs = run(3, epochs=2)  # 12 images, batch 4: epochs of 3 batches, workers prefetching across the end
+    _assert_same_batches(two_epochs[3:], run(3, workers=1, start_epoch=1))  # a resumed run's first epoch
     imgs, targets, _ = a[0]
     assert imgs.shape == (4, 3, 96, 96) and targets.shape[1] == 6
     loader, ds = create_dataloader(shapes_dataset, 64, 5, 32, hyp=HYP, augment=True, workers=2, shuffle=True)
@@ -361,11 +369,11 @@ def test_distributed_sampler_when_rank_given(shapes_dataset: Path, tmp_path: Pat
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         loader, _ = create_dataloader(shapes_dataset, 64, 4, 32, rank=0, workers=0, shuffle=True)
-        assert isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler)
+        assert isinstance(loader.batch_sampler.batches.sampler, torch.utils.data.distributed.DistributedSampler)
     finally:
         torch.distributed.destroy_process_group()
     loader, _ = create_dataloader(shapes_dataset, 64, 4, 32, workers=0)
-    assert not isinstance(loader.sampler, torch.utils.data.distributed.DistributedSampler)
+    assert not isinstance(loader.batch_sampler.batches.sampler, torch.utils.data.distributed.DistributedSampler)
 
 
 def test_rect_sorts_by_aspect_ratio_and_pads_batches(tmp_path: Path):

@@ -32,7 +32,9 @@ import psutil
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import (
+    BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler,
+)
 from tqdm import tqdm
 
 from utils.augmentations import (
@@ -52,7 +54,7 @@ VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "
 CACHE_VERSION = 1
 TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1)))
-LOADER_SEED_OFFSET = 0x5555_5555_5555_5555  # upstream's loader-generator offset (same shuffles and worker seeds)
+LOADER_SEED_OFFSET = 0x5555_5555_5555_5555  # upstream's loader-generator offset (worker base seeds)
 EXIF_ORIENTATION = 0x0112
 MAX_CLASS_ID = 2**24  # larger ids are not exact in the float32 label arrays
 
@@ -465,7 +467,12 @@ class LoadImagesAndLabels(Dataset):
     def __len__(self) -> int:
         return len(self.im_files)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+        """Item ``index``; an (index, seed) pair (from ``SeededBatchSampler``) first seeds the augmentation draws."""
+        if isinstance(index, tuple):
+            index, seed = index
+            random.seed(seed)
+            np.random.seed(seed)
         index = self.indices[index]  # linear, shuffled, or resampled by image weights
         hyp = self.hyp
         if self.mosaic and random.random() < hyp["mosaic"]:
@@ -618,35 +625,53 @@ def seed_worker(worker_id: int) -> None:
     random.seed(worker_seed)
 
 
-class _RepeatSampler:
-    """Batch sampler wrapper that starts its batch sampler over forever (each pass draws a new shuffle)."""
+def epoch_seeds(seed: int, epoch: int, rank: int = -1) -> tuple[int, int, int]:
+    """Seeds of one training epoch, a function of (seed, epoch, rank) alone: (global RNGs, shuffle, items)."""
+    return tuple(int(s) for s in np.random.SeedSequence([seed % 2**64, epoch, rank + 1]).generate_state(3))
 
-    def __init__(self, batch_sampler) -> None:
-        self.batch_sampler = batch_sampler
 
-    def __iter__(self) -> Iterator:
+class SeededBatchSampler(Sampler):
+    """Batches of (index, item seed) pairs, one pass per epoch, every random draw a function of (seed, epoch, rank).
+
+    Before each pass the shuffle is reseeded for that epoch (``DistributedSampler.set_epoch`` under DDP) and every
+    item gets its own seed, with which ``LoadImagesAndLabels`` seeds its augmentation. A batch's content therefore
+    depends neither on the number of workers nor on how far they prefetched, and a run resumed at epoch k draws what
+    the uninterrupted run drew. ``endless`` chains the passes (one iterator for all epochs).
+    """
+
+    def __init__(self, sampler: Sampler, batch_size: int, seed: int, start_epoch: int, rank: int, endless: bool):
+        self.batches = BatchSampler(sampler, batch_size, drop_last=False)
+        self.seed, self.epoch, self.rank, self.endless = seed, start_epoch, rank, endless
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         while True:
-            yield from self.batch_sampler
+            _, shuffle_seed, item_seed = epoch_seeds(self.seed, self.epoch, self.rank)
+            sampler = self.batches.sampler
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(self.epoch)
+            elif isinstance(sampler, RandomSampler):
+                sampler.generator = torch.Generator().manual_seed(shuffle_seed)
+            item_seeds = iter(np.random.SeedSequence(item_seed).generate_state(len(sampler)).tolist())
+            self.epoch += 1
+            for batch in self.batches:
+                yield [(i, next(item_seeds)) for i in batch]
+            if not self.endless:
+                return
 
 
 class InfiniteDataLoader(DataLoader):
-    """DataLoader with one endless iterator over all epochs, so workers start once and prefetch across epoch ends.
-
-    Each ``iter(loader)`` (one epoch) takes ``len(loader)`` batches from it; the batch order, worker assignment
-    and hence the augmentation random draws are those of upstream's loader.
-    """
+    """DataLoader over an endless ``SeededBatchSampler``: one iterator for all epochs, so workers start once and
+    prefetch across epoch ends; each ``iter(loader)`` (one epoch) takes ``len(loader)`` batches from it."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._epoch_batches = len(self.batch_sampler)
-        object.__setattr__(self, "batch_sampler", _RepeatSampler(self.batch_sampler))  # DataLoader guards it
         self._endless = super().__iter__()
 
-    def __len__(self) -> int:
-        return self._epoch_batches
-
     def __iter__(self) -> Iterator:
-        for _ in range(self._epoch_batches):
+        for _ in range(len(self)):
             yield next(self._endless)
 
 
@@ -670,14 +695,14 @@ def create_dataloader(
     seed: int = 0,
     min_items: int = 0,
     nc: int | None = None,
+    start_epoch: int = 0,
 ) -> tuple[DataLoader, LoadImagesAndLabels]:
     """Build the dataset and its DataLoader (DistributedSampler when ``rank != -1``).
 
-    Workers are seeded from a generator seeded with ``seed`` and the rank, so a fixed seed gives identical batches;
-    the shuffling, worker seeds and augmentation random draws follow upstream's, in upstream's order.
-    Workers persist across epochs (InfiniteDataLoader) unless ``image_weights``: train.py then resamples
-    ``dataset.indices`` between epochs, which fresh workers must see. ``nc``, when given, drops labels whose
-    class id is >= nc.
+    Shuffles and augmentation draws come from ``SeededBatchSampler``: a function of (``seed``, epoch, rank), the
+    first epoch being ``start_epoch`` (a resumed run's), whatever the number of workers. Workers persist across
+    epochs (InfiniteDataLoader) unless ``image_weights``: train.py then resamples ``dataset.indices`` between
+    epochs, which fresh workers must see. ``nc``, when given, drops labels whose class id is >= nc.
     """
     if rect and shuffle:
         LOGGER.warning("WARNING --rect is incompatible with DataLoader shuffle, setting shuffle=False")
@@ -690,15 +715,17 @@ def create_dataloader(
     batch_size = min(batch_size, len(dataset))
     devices = max(torch.cuda.device_count(), 1)
     num_workers = min((os.cpu_count() or 1) // devices, batch_size if batch_size > 1 else 0, workers)
-    sampler = None if rank == -1 else DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    if rank != -1:
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+    else:
+        sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    batches = SeededBatchSampler(sampler, batch_size, seed, start_epoch, rank, endless=not image_weights)
     generator = torch.Generator()
-    generator.manual_seed(LOADER_SEED_OFFSET + seed + rank)  # rank is -1 without DDP, as in upstream's formula
+    generator.manual_seed(LOADER_SEED_OFFSET + seed + rank)  # worker base seeds (rank is -1 without DDP)
     loader_class = DataLoader if image_weights else InfiniteDataLoader
     loader = loader_class(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
-        sampler=sampler,
+        batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         collate_fn=LoadImagesAndLabels.collate_fn4 if quad else LoadImagesAndLabels.collate_fn,
