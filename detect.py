@@ -286,6 +286,9 @@ def run(
         saver.videos.close()
         if webcam:
             dataset.close()
+    skipped = getattr(dataset, "skipped", [])
+    if skipped:
+        LOGGER.warning(f"WARNING {len(skipped)} of {len(dataset)} files of {source} unreadable and skipped (named above)")
     log_summary(timers, seen, imgsz, save_dir, save_txt, saved=save_txt or not nosave or save_csv or save_crop)
     return save_dir
 

@@ -316,19 +316,22 @@ def test_huge_learning_rate_stops_before_saving_diverged_weights(clean_data, tmp
 # ------------------------------------------------------------------------------------------------------- detect.py
 
 
-def test_detect_skips_or_stops_cleanly_on_unreadable_images(hostile, trained, tmp_path):
-    """Either contract is clean: skip each unreadable image with one warning, or stop at the first with one error."""
-    result = run("detect.py", "--weights", trained.best, "--source", hostile.images, "--img", "64",
-                 "--project", tmp_path, "--name", "exp ü")
-    assert "Traceback" not in result.log, result.log[-3000:]
-    if result.rc == 0:
-        for name in ("zero.jpg", "garbage.jpg"):
-            assert len(lines_naming(result.stdout, name)) == 1, name
-        for name in ODD_BUT_VALID:  # grayscale, RGBA, 16-bit, 6000x4000, non-ASCII name: all detected on
-            assert (tmp_path / "exp ü" / name).is_file(), name
-    else:
-        assert "garbage.jpg" in error_line(result)  # the first unreadable file in sorted order
-        assert (tmp_path / "exp ü" / "bild ü 1.jpg").is_file()  # the images before it were processed
+def test_detect_skips_unreadable_images_with_one_warning_each(hostile, trained, tmp_path):
+    (hostile.images / "broken.mp4").write_bytes(b"not a video")  # an unreadable video is skipped too
+    n_files = len(list(hostile.images.iterdir()))
+    try:
+        result = run("detect.py", "--weights", trained.best, "--source", hostile.images, "--img", "64",
+                     "--project", tmp_path, "--name", "exp ü")
+    finally:
+        (hostile.images / "broken.mp4").unlink()
+    assert result.rc == 0 and "Traceback" not in result.log, result.log[-3000:]
+    unreadable = (*CORRUPT, "broken.mp4")  # truncated JPEG and PNG files do not decode either
+    for name in unreadable:
+        assert len(lines_naming(result.stdout, f"{name}: ")) == 1, name
+        assert not (tmp_path / "exp ü" / name).exists()
+    assert f"{len(unreadable)} of {n_files} files" in result.stdout and "unreadable and skipped" in result.stdout
+    for name in ODD_BUT_VALID:  # grayscale, RGBA, 16-bit, 6000x4000, non-ASCII name: all detected on
+        assert (tmp_path / "exp ü" / name).is_file(), name
 
 
 def test_detect_reports_missing_source_in_one_line(trained, tmp_path):

@@ -57,6 +57,8 @@ NUM_THREADS = min(8, max(1, (os.cpu_count() or 1)))
 LOADER_SEED_OFFSET = 0x5555_5555_5555_5555  # upstream's loader-generator offset (worker base seeds)
 EXIF_ORIENTATION = 0x0112
 MAX_CLASS_ID = 2**24  # larger ids are not exact in the float32 label arrays
+# OpenCV's decoder warnings ("PNG input buffer is incomplete") would duplicate our one line per unreadable file
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 class DatasetError(UserInputError):
@@ -772,7 +774,8 @@ class LoadImages:
     """Iterate images and video frames for inference.
 
     Yields (path, letterboxed CHW RGB array, original BGR image, cv2.VideoCapture or None, info string).
-    Video frames are read every ``vid_stride`` frames.
+    Video frames are read every ``vid_stride`` frames. An unreadable image or video is skipped with one warning
+    naming it and listed in ``skipped``.
     """
 
     def __init__(self, path: str | Path | list, img_size: int = 640, stride: int = 32, auto: bool = True,
@@ -785,6 +788,7 @@ class LoadImages:
         self.cap: cv2.VideoCapture | None = None
         self.frame = self.frames = 0
         self.count = 0
+        self.skipped: list[str] = []
 
     def __iter__(self) -> LoadImages:
         self.count = 0
@@ -798,9 +802,14 @@ class LoadImages:
                 self.count += 1
                 im0 = imread(path)
                 if im0 is None:
-                    raise FileNotFoundError(f"image not found or unreadable: {path}")
+                    self._skip(path, "image unreadable (corrupt, truncated or empty)")
+                    continue
                 return self._item(path, im0, f"image {self.count}/{self.nf} {path}: ")
-            im0 = self._read_frame(path)
+            if self.cap is None and not self._open_video(path):
+                self._skip(path, "video unreadable")
+                self.count += 1
+                continue
+            im0 = self._read_frame()
             if im0 is not None:
                 self.frame += 1
                 info = f"video {self.count + 1}/{self.nf} ({self.frame}/{self.frames}) {path}: "
@@ -814,21 +823,25 @@ class LoadImages:
         im = letterbox(im0, self.img_size, stride=self.stride, auto=self.auto)[0]
         return path, np.ascontiguousarray(im.transpose((2, 0, 1))[::-1]), im0, self.cap, info
 
-    def _read_frame(self, path: str) -> np.ndarray | None:
-        """Next frame (every ``vid_stride``-th) of video ``path``, opening it first; None at its end."""
-        if self.cap is None:
-            self._open_video(path)
+    def _skip(self, path: str, why: str) -> None:
+        LOGGER.warning(f"WARNING {path}: {why}, skipped")
+        self.skipped.append(path)
+
+    def _read_frame(self) -> np.ndarray | None:
+        """Next frame (every ``vid_stride``-th) of the open video; None at its end."""
         grabbed = all([self.cap.grab() for _ in range(self.vid_stride)])
         ok, im0 = self.cap.retrieve() if grabbed else (False, None)
         return im0 if ok else None
 
-    def _open_video(self, path: str) -> None:
-        self.mode = "video"
-        self.cap = cv2.VideoCapture(path)
-        if not self.cap.isOpened():
-            raise FileNotFoundError(f"video not readable: {path}")
-        self.frame = 0
+    def _open_video(self, path: str) -> bool:
+        """Open video ``path`` for reading; False if OpenCV cannot open it."""
+        cap = cv2.VideoCapture(path)
+        if not cap.isOpened():
+            cap.release()
+            return False
+        self.mode, self.cap, self.frame = "video", cap, 0
         self.frames = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) / self.vid_stride)
+        return True
 
     def __len__(self) -> int:
         return self.nf
