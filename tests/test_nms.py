@@ -70,6 +70,17 @@ def test_matches_brute_force(kwargs):
     assert_same(non_max_suppression(pred, **kwargs), reference_nms(pred, **kwargs))
 
 
+@pytest.mark.parametrize("max_det", [1, 20, 5000])
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_prefix_nms_is_exact_with_many_candidates_and_tied_scores(max_det, agnostic):
+    """Thousands of candidates and few kept boxes: NMS runs on growing prefixes of the sorted candidates (first
+    8 * max_det of them, then 4x more each time); scores quantized to 1/8 make many exact ties at every cut."""
+    pred = random_prediction(bs=1, n=1000, seed=3)
+    pred[..., 4:] = (pred[..., 4:] * 8).ceil() / 8
+    kwargs = dict(conf_thres=0.001, iou_thres=0.5, multi_label=True, agnostic=agnostic, max_det=max_det)
+    assert_same(non_max_suppression(pred, **kwargs), reference_nms(pred, **kwargs))
+
+
 def test_output_sorted_by_confidence_and_max_det():
     out = non_max_suppression(random_prediction(bs=1, n=300), conf_thres=0.001, iou_thres=0.9, max_det=20)[0]
     assert len(out) == 20

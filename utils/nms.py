@@ -8,6 +8,7 @@ import torchvision
 from utils.boxes import xywh2xyxy
 
 MAX_NMS = 30000  # most candidate boxes per image passed to torchvision's NMS (highest confidence first)
+PREFIX_FACTOR, PREFIX_GROWTH = 8, 4  # NMS first on the 8 * max_det most confident candidates, then 4x more
 
 
 def _label_rows(labels: torch.Tensor, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -35,11 +36,24 @@ def _candidates(x: torch.Tensor, nc: int, conf_thres: float, multi_label: bool) 
 
 
 def _suppress(x: torch.Tensor, iou_thres: float, agnostic: bool, max_det: int) -> torch.Tensor:
-    """Class-wise (or class-agnostic) NMS of candidates [xyxy, conf, cls, ...]; best ``max_det`` kept."""
-    x = x[x[:, 4].argsort(descending=True)[:MAX_NMS]]
+    """Class-wise (or class-agnostic) greedy NMS of candidates [xyxy, conf, cls, ...]; the best ``max_det`` kept.
+
+    Greedy NMS decides each box from the boxes kept before it in confidence order only, so NMS over the
+    ``k`` most confident candidates keeps exactly the full run's survivors among them. Once those number
+    ``max_det``, the boxes after them cannot change the result: NMS runs on growing prefixes until one yields
+    ``max_det`` boxes or all candidates are used. The candidates are sorted stably, as torchvision's NMS sorts
+    its input, so a prefix is also a prefix of the order NMS works in when scores tie. Survivors come in
+    confidence order, ties in candidate order.
+    """
+    x = x[x[:, 4].argsort(descending=True, stable=True)[:MAX_NMS]]
     groups = torch.zeros_like(x[:, 5]) if agnostic else x[:, 5]
-    keep = torchvision.ops.batched_nms(x[:, :4], x[:, 4], groups, iou_thres)
-    return x[keep[:max_det]]
+    k = PREFIX_FACTOR * max_det
+    while True:
+        k = min(k, len(x))
+        keep = torchvision.ops.batched_nms(x[:k, :4], x[:k, 4], groups[:k], iou_thres).sort().values
+        if len(keep) >= max_det or k == len(x):
+            return x[keep[:max_det]]
+        k *= PREFIX_GROWTH
 
 
 def non_max_suppression(
