@@ -6,6 +6,7 @@ Tasks (the first argument; ``models`` when omitted):
     e2e            val.py on BCCD and a detect loop, timed like upstream YOLOv5's figures
     large-kernel   benchmarks/large_kernel.py (its own options follow)
     revcol-memory  benchmarks/revcol_memory.py (its own options follow)
+    zoo-epoch      benchmarks/zoo_epoch.py: one train.py epoch per model YAML on a tiny set (its own options follow)
 
 Usage:
     python benchmarks.py                                          # every models/*.yaml up to --max-gflops
@@ -629,7 +630,13 @@ def run_revcol_memory(argv: list[str]) -> int:
     return 0
 
 
-DELEGATES = {"large-kernel": run_large_kernel, "revcol-memory": run_revcol_memory}
+def run_zoo_epoch(argv: list[str]) -> int:
+    script = load_script("zoo_epoch")
+    rows = script.main(script.parse_opt(argv))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+DELEGATES = {"large-kernel": run_large_kernel, "revcol-memory": run_revcol_memory, "zoo-epoch": run_zoo_epoch}
 
 
 def common_options(parser: argparse.ArgumentParser, name: str) -> None:

@@ -7,6 +7,11 @@ mode, without compute); their blocks train for real in the smaller YAMLs of the 
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,3 +62,22 @@ def test_yaml_trains(name):
     trainable = [p for p in model.parameters() if p.requires_grad]
     with_grad = sum(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in trainable)
     assert with_grad >= 0.9 * len(trainable), f"{with_grad}/{len(trainable)} parameters received gradients"
+
+
+NEW_FAMILIES_SMALL = ["yolov5_RepLKNet-tiny.yaml", "yolov5_RevCol.yaml", "yolov5s_timm-repvgg_a0.yaml",
+                      "yolov5_RepVGG-A0.yaml", "yolov5s_RepVGG.yaml", "yolov5n_RepGhost.yaml", "yolov5s_GFPN.yaml"]
+
+
+def test_new_families_train_one_epoch_through_train_py(tmp_path):
+    """train.py (one epoch and its final validation) on a tiny set, through `benchmarks.py zoo-epoch`, for the small
+    YAML of each new family; every YAML, large ones included, is run the same way in docs/BENCHMARKS.md."""
+    out = subprocess.run([sys.executable, "benchmarks.py", "zoo-epoch", "--models", *NEW_FAMILIES_SMALL, "--project",
+                          str(tmp_path / "runs"), "--csv", str(tmp_path / "zoo.csv"), "--md", str(tmp_path / "zoo.md")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    rows = list(csv.DictReader(open(tmp_path / "zoo.csv")))
+    assert [r["model"] for r in rows] == NEW_FAMILIES_SMALL, out.stdout[-2000:] + out.stderr[-2000:]
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert float(row["wall_s"]) > 0 and float(row["peak_rss_gib"]) > 0.1 and " parameters" in row["summary"]
+        assert (tmp_path / "runs" / Path(row["model"]).stem / "weights" / "best.pt").is_file()
+    assert out.returncode == 0 and "| yolov5_RevCol.yaml | ok |" in (tmp_path / "zoo.md").read_text()
