@@ -194,3 +194,23 @@ def test_cli_prints_summary():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "YOLOv5n summary:" in out.stdout and "1872157 parameters" in out.stdout
+
+
+def test_channels_last_backend_gives_the_folded_models_outputs(tmp_path):
+    """InferenceBackend runs .pt models channels-last on the CPU: same predictions as the plain folded model."""
+    from utils.backend import InferenceBackend
+    from utils.checkpoint import make_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=3, verbose=False)
+    randomize_bn(model)
+    save_checkpoint(make_checkpoint(model.eval()), tmp_path / "w.pt")
+    backend = InferenceBackend(tmp_path / "w.pt")
+    assert backend.channels_last
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in backend.model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
+    x = torch.rand(2, 3, 96, 128)
+    with torch.inference_mode():
+        want = model.fuse().eval()(x)[0]
+        got = backend(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -1,0 +1,110 @@
+"""Channels-last against contiguous (NCHW) memory format on the CPU, measured side by side in one run.
+
+Three workloads of one model: the folded model at batch 1 on a 640x480 image (detect.py's letterboxed BCCD
+image), the folded model at batch 8 at 640 (val.py), and a training step (forward, YOLOv5 loss, backward) of the
+training-form model at 320, batch 16. The two formats are timed round-robin (median of --runs after --warmup),
+and their outputs compared.
+
+Usage:
+    python benchmarks/memory_format.py --cfg yolov5s.yaml --runs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from models.yolo import DetectionModel  # noqa: E402
+from utils.loss import ComputeLoss  # noqa: E402
+from utils.torch_utils import convs_channels_last  # noqa: E402
+
+HYP = {"box": 0.05, "cls": 0.5, "cls_pw": 1.0, "obj": 1.0, "obj_pw": 1.0, "anchor_t": 4.0, "fl_gamma": 0.0,
+       "label_smoothing": 0.0}
+FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def to_format(model: torch.nn.Module, memory_format: torch.memory_format) -> torch.nn.Module:
+    """A copy of ``model`` with its convolution weights in ``memory_format``."""
+    model = copy.deepcopy(model)
+    return convs_channels_last(model) if memory_format == torch.channels_last else model
+
+
+def interleaved(fns: dict, runs: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each callable, timed round-robin."""
+    times = {k: [] for k in fns}
+    for i in range(warmup + runs):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def inference_case(model: torch.nn.Module, shape: tuple) -> tuple[dict, float]:
+    """Callables per format and the largest output difference between the formats."""
+    x = torch.rand(shape)
+    models = {k: to_format(model, f) for k, f in FORMATS.items()}
+    inputs = {k: x.contiguous(memory_format=f) for k, f in FORMATS.items()}
+    with torch.inference_mode():
+        a, b = (models[k](inputs[k])[0] for k in FORMATS)
+    fns = {k: torch.inference_mode()(lambda k=k: models[k](inputs[k])) for k in FORMATS}
+    return fns, float((a - b).abs().max() / b.abs().max())
+
+
+def training_case(model: torch.nn.Module, batch: int, size: int) -> tuple[dict, float]:
+    """Training-step callables per format (forward, loss, backward) and the largest relative gradient difference."""
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, size, size)
+    targets = torch.tensor([[i, i % 3, 0.5, 0.5, 0.3, 0.4] for i in range(batch)], dtype=torch.float32)
+    models = {k: to_format(model, f).train() for k, f in FORMATS.items()}
+    inputs = {k: x.contiguous(memory_format=f) for k, f in FORMATS.items()}
+
+    def step(k: str) -> None:
+        m = models[k]
+        m.zero_grad(set_to_none=True)
+        loss, _ = ComputeLoss(m)(m(inputs[k]), targets)
+        loss.backward()
+
+    for k in FORMATS:
+        step(k)
+    grads = [torch.cat([p.grad.flatten() for p in models[k].parameters()]) for k in FORMATS]
+    return {k: (lambda k=k: step(k)) for k in FORMATS}, float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", default="yolov5s.yaml")
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    opt = parser.parse_args(argv)
+    torch.set_num_threads(opt.threads)
+    model = DetectionModel(opt.cfg, nc=3, verbose=False)
+    model.hyp = HYP
+    folded = copy.deepcopy(model).fuse().eval()
+    cases = {
+        "folded, batch 1, 480x640 (detect)": inference_case(folded, (1, 3, 480, 640)),
+        "folded, batch 8, 640x640 (val)": inference_case(folded, (8, 3, 640, 640)),
+        "training step, batch 16, 320x320": training_case(model, 16, 320),
+    }
+    print(f"{opt.cfg}, torch {torch.__version__}, {opt.threads} threads, median of {opt.runs} runs (ms)\n")
+    print("| workload | NCHW | channels_last | speed-up | max rel. difference |\n|---|---:|---:|---:|---:|")
+    for name, (fns, diff) in cases.items():
+        t = interleaved(fns, opt.runs, opt.warmup)
+        print(f"| {name} | {t['NCHW'] * 1e3:.1f} | {t['channels_last'] * 1e3:.1f} | "
+              f"{t['NCHW'] / t['channels_last']:.2f}x | {diff:.1e} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
