@@ -7,7 +7,6 @@ import logging
 import numpy as np
 import torch
 import torch.nn as nn
-from scipy.cluster.vq import kmeans
 from tqdm import tqdm
 
 from utils.torch_utils import de_parallel
@@ -111,6 +110,8 @@ def _initial_anchors(wh: np.ndarray, n: int, img_size: int, rng: np.random.Gener
     if n <= len(wh):
         LOGGER.info(f"{PREFIX}Running kmeans for {n} anchors on {len(wh)} points...")
         sigma = wh.std(0)
+        from scipy.cluster.vq import kmeans  # only when anchors are recomputed: keeps scipy out of start-up
+
         k = kmeans(wh / sigma, n, iter=30, rng=rng)[0] * sigma
         if len(k) == n:
             return k

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn as nn
 from PIL import Image, ImageOps
@@ -344,6 +343,8 @@ class Detections:
 
     def pandas(self) -> Detections:
         """A copy whose xyxy, xyxyn, xywh and xywhn are lists of DataFrames (one per image)."""
+        import pandas as pd  # only here: keeps pandas out of the scripts' start-up
+
         new = copy.copy(self)
         for key, columns in (("xyxy", self.XYXY_COLUMNS), ("xyxyn", self.XYXY_COLUMNS),
                              ("xywh", self.XYWH_COLUMNS), ("xywhn", self.XYWH_COLUMNS)):

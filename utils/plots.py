@@ -12,11 +12,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
-from scipy.ndimage import gaussian_filter1d
 
 from utils.boxes import xywh2xyxy, xyxy2xywh
 
@@ -189,6 +187,9 @@ def _draw_targets(annotator: Annotator, rows: np.ndarray, origin, size, scale: f
 
 def plot_results(file: str | Path = "path/to/results.csv", dir: str | Path = "") -> None:  # noqa: A002
     """Plot every results*.csv next to ``file`` (or in ``dir``) as a 2x5 grid, saved as results.png."""
+    import pandas as pd  # imported here: pandas and scipy add ~0.3 s to the start-up of val.py and detect.py
+    from scipy.ndimage import gaussian_filter1d
+
     save_dir = Path(file).parent if file else Path(dir)
     files = sorted(save_dir.glob("results*.csv"))
     if not files:
