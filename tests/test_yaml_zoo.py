@@ -68,9 +68,10 @@ NEW_FAMILIES_SMALL = ["yolov5_RepLKNet-tiny.yaml", "yolov5_RevCol.yaml", "yolov5
                       "yolov5_RepVGG-A0.yaml", "yolov5s_RepVGG.yaml", "yolov5n_RepGhost.yaml", "yolov5s_GFPN.yaml"]
 
 
-def test_new_families_train_one_epoch_through_train_py(tmp_path):
-    """train.py (one epoch and its final validation) on a tiny set, through `benchmarks.py zoo-epoch`, for the small
-    YAML of each new family; every YAML, large ones included, is run the same way in docs/BENCHMARKS.md."""
+def test_new_families_train_detect_export_through_the_scripts(tmp_path):
+    """train.py (one epoch and its final validation), detect.py and export.py --include onnx (with its parity check)
+    on a tiny set, through `benchmarks.py zoo-epoch`, for the small YAML of each new family; the large YAMLs are
+    run the same way in docs/BENCHMARKS.md."""
     out = subprocess.run([sys.executable, "benchmarks.py", "zoo-epoch", "--models", *NEW_FAMILIES_SMALL, "--project",
                           str(tmp_path / "runs"), "--csv", str(tmp_path / "zoo.csv"), "--md", str(tmp_path / "zoo.md")],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -78,6 +79,9 @@ def test_new_families_train_one_epoch_through_train_py(tmp_path):
     assert [r["model"] for r in rows] == NEW_FAMILIES_SMALL, out.stdout[-2000:] + out.stderr[-2000:]
     for row in rows:
         assert row["status"] == "ok", row
-        assert float(row["wall_s"]) > 0 and float(row["peak_rss_gib"]) > 0.1 and " parameters" in row["summary"]
-        assert (tmp_path / "runs" / Path(row["model"]).stem / "weights" / "best.pt").is_file()
+        assert all(float(row[f"{step}_s"]) > 0 for step in ("train", "detect", "export"))
+        assert float(row["peak_rss_gib"]) > 0.1 and " parameters" in row["summary"]
+        run = tmp_path / "runs" / Path(row["model"]).stem
+        assert (run / "weights" / "best.pt").is_file() and (run / "weights" / "best.onnx").is_file()
+        assert len(list((run / "detect").glob("*.jpg"))) == 2  # the two val images, annotated
     assert out.returncode == 0 and "| yolov5_RevCol.yaml | ok |" in (tmp_path / "zoo.md").read_text()
