@@ -78,7 +78,8 @@ def test_prefix_nms_is_exact_with_many_candidates_and_tied_scores(max_det, agnos
     400 most confident rows are near-copies of one box, so the first prefixes keep too few boxes and must grow."""
     pred = random_prediction(bs=1, n=1000, seed=3)
     pred[..., 4:] = (pred[..., 4:] * 8).ceil() / 8
-    pred[0, :400, :4] = torch.tensor([40.0, 40.0, 30.0, 30.0]) + torch.rand(400, 4, generator=torch.Generator().manual_seed(0)) * 0.5
+    jitter = torch.rand(400, 4, generator=torch.Generator().manual_seed(0)) * 0.5
+    pred[0, :400, :4] = torch.tensor([40.0, 40.0, 30.0, 30.0]) + jitter
     pred[0, :400, 4:] = 1.0
     kwargs = dict(conf_thres=0.001, iou_thres=0.5, multi_label=True, agnostic=agnostic, max_det=max_det)
     want = reference_nms(pred, **kwargs)
