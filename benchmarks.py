@@ -6,7 +6,7 @@ Tasks (the first argument; ``models`` when omitted):
     e2e            val.py on BCCD and a detect loop, timed like upstream YOLOv5's figures
     large-kernel   benchmarks/large_kernel.py (its own options follow)
     revcol-memory  benchmarks/revcol_memory.py (its own options follow)
-    zoo-epoch      benchmarks/zoo_epoch.py: one train.py epoch per model YAML on a tiny set (its own options follow)
+    zoo-epoch      benchmarks/zoo_epoch.py: train.py epoch, detect.py, ONNX export per model YAML (own options follow)
 
 Usage:
     python benchmarks.py                                          # every models/*.yaml up to --max-gflops

@@ -1,8 +1,8 @@
 """Image augmentations with YOLOv5 semantics: letterbox, HSV jitter, random perspective, mosaic helpers, mixup, flips.
 
 Boxes are passed as ``labels`` arrays (n, 5) = (class, x1, y1, x2, y2) in pixels unless a function says otherwise.
-Randomness comes from Python's ``random`` and NumPy's global generator, like upstream, so that dataloader workers
-seeded by ``seed_worker`` reproduce the same samples. Segment copy-paste is not implemented (boxes only).
+Randomness comes from Python's ``random`` and NumPy's global generator, like upstream; the dataset seeds both per
+item (``SeededBatchSampler``), so every worker reproduces the same samples. Segment copy-paste is not implemented (boxes only).
 """
 
 from __future__ import annotations

@@ -73,8 +73,8 @@ def names_from_data(data: str | Path) -> dict[int, str]:
 class InferenceBackend(nn.Module):
     """Runs a detector from a weights file and returns the decoded predictions (b, n, 5 + nc), pixels.
 
-    ``.pt`` models are folded (``fuse``) first, and on the CPU run channels-last (NHWC, measured 1.15-1.2x
-    faster, see docs/BENCHMARKS.md); ``.torchscript`` and ``.onnx`` files carry stride and names
+    ``.pt`` models are folded (``fuse``) first, and on the CPU run channels-last (NHWC, measured 1.27-1.61x
+    faster for yolov5s, see docs/BENCHMARKS.md); ``.torchscript`` and ``.onnx`` files carry stride and names
     as metadata (``data``: a data YAML whose names are used for files without it). ``fp16`` runs half
     precision (CUDA only). ``dnn`` runs ONNX files with OpenCV DNN instead of ONNX Runtime.
     ``static_shape`` is the (b, 3, h, w) input a fixed-shape export needs (None: any shape); larger or

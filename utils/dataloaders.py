@@ -54,7 +54,6 @@ VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "
 CACHE_VERSION = 1
 TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1)))
-LOADER_SEED_OFFSET = 0x5555_5555_5555_5555  # upstream's loader-generator offset (worker base seeds)
 EXIF_ORIENTATION = 0x0112
 MAX_CLASS_ID = 2**24  # larger ids are not exact in the float32 label arrays
 # OpenCV's decoder warnings ("PNG input buffer is incomplete") would duplicate our one line per unreadable file
@@ -620,13 +619,6 @@ def _drop_unknown_classes(labels: np.ndarray, nc: int, label_file: str, prefix: 
     return labels[~bad]
 
 
-def seed_worker(worker_id: int) -> None:
-    """Seed Python's and NumPy's generators in each dataloader worker from torch's per-worker seed."""
-    worker_seed = torch.initial_seed() % 2**32
-    np.random.seed(worker_seed)
-    random.seed(worker_seed)
-
-
 def epoch_seeds(seed: int, epoch: int, rank: int = -1) -> tuple[int, int, int]:
     """Seeds of one training epoch, a function of (seed, epoch, rank) alone: (global RNGs, shuffle, items)."""
     return tuple(int(s) for s in np.random.SeedSequence([seed % 2**64, epoch, rank + 1]).generate_state(3))
@@ -722,8 +714,7 @@ def create_dataloader(
     else:
         sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     batches = SeededBatchSampler(sampler, batch_size, seed, start_epoch, rank, endless=not image_weights)
-    generator = torch.Generator()
-    generator.manual_seed(LOADER_SEED_OFFSET + seed + rank)  # worker base seeds (rank is -1 without DDP)
+    generator = torch.Generator().manual_seed(seed)  # workers' base seed, not a draw from the global torch RNG
     loader_class = DataLoader if image_weights else InfiniteDataLoader
     loader = loader_class(
         dataset,
@@ -731,7 +722,6 @@ def create_dataloader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         collate_fn=LoadImagesAndLabels.collate_fn4 if quad else LoadImagesAndLabels.collate_fn,
-        worker_init_fn=seed_worker,
         generator=generator,
     )
     return loader, dataset
