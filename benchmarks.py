@@ -7,6 +7,7 @@ Tasks (the first argument; ``models`` when omitted):
     large-kernel   benchmarks/large_kernel.py (its own options follow)
     revcol-memory  benchmarks/revcol_memory.py (its own options follow)
     zoo-epoch      benchmarks/zoo_epoch.py: train.py epoch, detect.py, ONNX export per model YAML (own options follow)
+    upstream       benchmarks/upstream_compare.py: val.py, detect.py, train.py against an upstream YOLOv5 install
 
 Usage:
     python benchmarks.py                                          # every models/*.yaml up to --max-gflops
@@ -636,7 +637,14 @@ def run_zoo_epoch(argv: list[str]) -> int:
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
-DELEGATES = {"large-kernel": run_large_kernel, "revcol-memory": run_revcol_memory, "zoo-epoch": run_zoo_epoch}
+def run_upstream(argv: list[str]) -> int:
+    script = load_script("upstream_compare")
+    rows = script.main(script.parse_opt(argv))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+DELEGATES = {"large-kernel": run_large_kernel, "revcol-memory": run_revcol_memory, "zoo-epoch": run_zoo_epoch,
+             "upstream": run_upstream}
 
 
 def common_options(parser: argparse.ArgumentParser, name: str) -> None:

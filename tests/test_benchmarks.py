@@ -1,4 +1,5 @@
-"""benchmarks.py: the models task end to end on yolov5n at 64 px (subprocesses), the detect timing loop, formulas."""
+"""benchmarks.py: the models task end to end on yolov5n at 64 px (subprocesses), the detect timing loop, formulas,
+and the upstream comparison against a stand-in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 import benchmarks
@@ -84,3 +84,43 @@ def test_efficiency_formulas_and_speed_line():
     assert benchmarks.parse_speed("...\n" + line) == (3.4, 324.8, 78.4)
     with pytest.raises(RuntimeError, match="Speed"):
         benchmarks.parse_speed("no timing here")
+
+
+def test_upstream_compare_parses_upstream_style_output():
+    """Speed line, first 'all' row, the epoch bar's mean s/iteration (from \\r-separated tqdm updates), warnings."""
+    compare = benchmarks.load_script("upstream_compare")
+    text = ("      0/0         0G     0.1054     0.1576    0.03678         77        320:  95%|█████████▌| 18/19 "
+            "[00:24<00:01,  1.13it/s]\r      0/0         0G     0.1054     0.1576    0.03678         77        320: "
+            "100%|██████████| 19/19 [00:25<00:00,  1.35s/it]\nWARNING ⚠️ NMS time limit 2.100s exceeded\n"
+            "                   all         72        945      0.274      0.516      0.393      0.155\n"
+            "                   RBC         72        805      0.358      0.358      0.285     0.0722\n"
+            "Speed: 2.2ms pre-process, 131.4ms inference, 78.0ms NMS per image at shape (32, 3, 640, 640)\n")
+    row = compare.parse_output(text, train_img=320)
+    assert row == {"nms_time_limit_warnings": 1, "pre_ms": 2.2, "inf_ms": 131.4, "nms_ms": 78.0,
+                   "metrics": "0.274 0.516 0.393 0.155", "s_per_iter": 1.35}
+    assert compare.parse_output(text.replace("1.35s/it]", "2.00it/s]"), 320)["s_per_iter"] == 0.5
+    assert "s_per_iter" not in compare.parse_output(text, train_img=640)
+
+
+def test_upstream_compare_end_to_end_against_a_stand_in(tiny_data, tmp_path):
+    """The whole comparison with this repository standing in for upstream (a git-checkout layout): weights
+    converted into a pickled model and back, a private data copy, three tasks, one report."""
+    data = check_dataset(tiny_data)
+    weights = benchmarks.random_checkpoint("yolov5n.yaml", data, tmp_path / "random.pt")
+    cmd = [sys.executable, "benchmarks.py", "upstream", "--upstream-python", sys.executable, "--upstream-root",
+           str(ROOT), "--weights", str(weights), "--data", str(tiny_data), "--cfg", "yolov5n.yaml", "--img",
+           str(SIZE), "--train-img", str(SIZE), "--repeats", "1", "--project", str(tmp_path / "cmp")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "cmp/upstream_compare.csv")))
+    assert [(r["task"], r["who"]) for r in rows] == [(t, w) for t in ("val", "detect", "train")
+                                                     for w in ("ours", "upstream")]
+    assert all(r["status"] == "ok" and float(r["wall_s"]) > 0 for r in rows)
+    val = [r for r in rows if r["task"] == "val"]
+    assert val[0]["metrics"] and val[0]["metrics"] == val[1]["metrics"]  # same weights through the pickle
+    assert all(float(r["inf_ms"]) > 0 for r in rows if r["task"] != "train")
+    assert all(float(r["s_per_iter"]) > 0 for r in rows if r["task"] == "train")
+    copy = tmp_path / "cmp/upstream_data"
+    assert (copy / "images/val").is_symlink() and not (copy / "labels/val").is_symlink()  # labels: own copy
+    report = (tmp_path / "cmp/upstream_compare.md").read_text()
+    assert "| task | upstream / ours, whole command |" in report and "| train |" in report
