@@ -271,7 +271,8 @@ def parse_model(d: dict, ch: int, source: str = "model.yaml",
             raise ModelConfigError(f"{where}: cannot build {name}{args}: {_first_line(e)}") from None
         if act is not None:
             _apply_activation(module, act)
-        f = froms[0] if len(froms) == 1 else froms
+        takes_list = kind in ("concat", "detect") and isinstance(row[0], list)  # e.g. Detect on one level: [17]
+        f = froms if takes_list or len(froms) > 1 else froms[0]
         module.i, module.f, module.type = i, f, f"{ctor.__module__}.{getattr(ctor, '__name__', name)}".replace(
             "__main__.", "models.yolo.")
         module.np = sum(x.numel() for x in module.parameters())

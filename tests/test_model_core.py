@@ -150,6 +150,16 @@ def test_bare_name_resolution_and_overrides(caplog):
     assert torch.allclose(model.model[-1].anchors[0, 0], torch.tensor([5 / 8, 6 / 8]))
 
 
+def test_detect_on_one_level():
+    """A head on a single level (``from: [2]``, one anchor row) builds and decodes, as upstream allows."""
+    cfg = {"nc": 2, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": [[10, 13, 16, 30, 33, 23]],
+           "backbone": [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [16, 3, 2]]],
+           "head": [[[2], 1, "Detect", ["nc", "anchors"]]]}
+    model = DetectionModel(cfg).eval()
+    assert model.stride.tolist() == [8.0] and model.model[-1].f == [2]
+    assert model(torch.zeros(1, 3, 64, 64))[0].shape == (1, 3 * 8 * 8, 7)
+
+
 def test_activation_from_yaml():
     cfg = DetectionModel("yolov5n.yaml").yaml
     cfg["activation"] = "nn.LeakyReLU(0.1)"

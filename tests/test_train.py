@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import re
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import yaml
 
 import val as validate
@@ -18,6 +20,7 @@ from utils.dataloaders import create_dataloader
 from utils.datasets_check import check_dataset
 from utils.loss import ComputeLoss
 from utils.synthetic import generate_shapes
+from utils.torch_utils import ShapeCompiledForward
 
 NO_AUGMENT = {"hsv_h": 0, "hsv_s": 0, "hsv_v": 0, "degrees": 0, "translate": 0, "scale": 0, "shear": 0,
               "perspective": 0, "flipud": 0, "fliplr": 0, "mosaic": 0, "mixup": 0, "copy_paste": 0}
@@ -119,3 +122,51 @@ def test_fine_tune_from_upstream_checkpoint(tiny_data, tmp_path):
     found = re.search(r"Transferred (\d+)/(\d+) items", out)
     assert found and int(found[1]) == int(found[2]) - 6
     assert torch.load(tmp_path / "ft" / "weights" / "last.pt", weights_only=True)["nc"] == 5
+
+
+def test_compiled_forward_matches_eager_and_compiles_one_shape():
+    """--compile's forward: gradients and BatchNorm statistics as eager; a second shape runs eagerly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 1)).train()
+    eager = copy.deepcopy(model)
+    forward = ShapeCompiledForward(model)
+    x = torch.rand(4, 3, 32, 32)
+    forward(x).square().mean().backward()
+    eager(x).square().mean().backward()
+    for a, b in zip(model.parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(model[1].running_var, eager[1].running_var)
+    forward(torch.rand(2, 3, 32, 32))  # an epoch's smaller last batch
+    assert forward.calls == {"compiled": 1, "eager": 1}
+
+
+def test_compiled_forward_falls_back_to_eager(monkeypatch, caplog):
+    """A compiler failure is one warning, then training goes on eagerly with the same results."""
+    def broken_compile(model, **kwargs):
+        def run(x):
+            raise RuntimeError("InductorError: no working C++ compiler\ntraceback lines")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = nn.Conv2d(3, 4, 1)
+    forward = ShapeCompiledForward(model)
+    x = torch.rand(1, 3, 8, 8)
+    torch.testing.assert_close(forward(x), model(x))
+    forward(x)
+    assert forward.calls == {"compiled": 0, "eager": 2}
+    assert "torch.compile failed (InductorError: no working C++ compiler); training without it" in caplog.text
+
+
+def test_train_script_with_compile(tiny_data, tmp_path):
+    """train.py --compile end to end on a small model (compiling yolov5n takes minutes on 2 cores)."""
+    cfg = tmp_path / "tiny_model.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "nc": 5, "depth_multiple": 1.0, "width_multiple": 1.0, "anchors": [[10, 13, 16, 30, 33, 23]],
+        "backbone": [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [16, 3, 2]]],
+        "head": [[[2], 1, "Detect", ["nc", "anchors"]]]}))
+    out = run_script("train.py", "--cfg", str(cfg), "--data", str(tiny_data), "--img", "64", "--epochs", "1",
+                     "--batch-size", "3", "--workers", "0", "--project", str(tmp_path), "--name", "exp", "--compile",
+                     "--noplots")
+    assert "compile: torch.compile on the first batch" in out and "1 epochs completed" in out
+    assert "torch.compile failed" not in out
+    assert (tmp_path / "exp/weights/best.pt").is_file()

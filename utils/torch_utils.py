@@ -235,3 +235,34 @@ class EarlyStopping:
                         f"To update EarlyStopping(patience={self.patience}) pass a new patience value, "
                         f"i.e. `python train.py --patience 300` or use `--patience 0` to disable EarlyStopping.")
         return stop
+
+
+class ShapeCompiledForward:
+    """``model(x)`` through ``torch.compile`` for the input shape of the first call and eagerly for any other shape
+    (an epoch's last, smaller batch; --multi-scale sizes), so that nothing is compiled twice. Parameters and buffers
+    stay the model's own. When compiling fails (no C++ compiler, an unsupported module) it warns once and runs eagerly.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.compiled = torch.compile(model, dynamic=False)
+        self.shape: torch.Size | None = None
+        self.calls = {"compiled": 0, "eager": 0}
+
+    def __call__(self, x: torch.Tensor):
+        if self.shape is None:
+            self.shape = x.shape
+            try:
+                y = self.compiled(x)
+            except Exception as e:  # whatever the compiler stack raises, training goes on eagerly
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                LOGGER.warning(f"WARNING --compile: torch.compile failed ({reason}); training without it")
+                self.compiled = None
+            else:
+                self.calls["compiled"] += 1
+                return y
+        if self.compiled is not None and x.shape == self.shape:
+            self.calls["compiled"] += 1
+            return self.compiled(x)
+        self.calls["eager"] += 1
+        return self.model(x)
