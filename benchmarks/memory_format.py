@@ -3,7 +3,7 @@
 Three workloads of one model: the folded model at batch 1 on a 640x480 image (detect.py's letterboxed BCCD
 image), the folded model at batch 8 at 640 (val.py), and a training step (forward, YOLOv5 loss, backward) of the
 training-form model at 320, batch 16. The two formats are timed round-robin (median of --runs after --warmup),
-and their outputs compared.
+and their outputs compared; the training step's gradients are also compared with a float64 reference.
 
 Usage:
     python benchmarks/memory_format.py --cfg yolov5s.yaml --runs 10
@@ -62,8 +62,19 @@ def inference_case(model: torch.nn.Module, shape: tuple) -> tuple[dict, float]:
     return fns, float((a - b).abs().max() / b.abs().max())
 
 
-def training_case(model: torch.nn.Module, batch: int, size: int) -> tuple[dict, float]:
-    """Training-step callables per format (forward, loss, backward) and the largest relative gradient difference."""
+def gradient_errors(models: dict, inputs: dict, reference: torch.nn.Module, x: torch.Tensor,
+                    targets: torch.Tensor) -> dict[str, float]:
+    """||g - g64|| / ||g64|| per format, against float64 NCHW gradients of the same weights and batch."""
+    reference = copy.deepcopy(reference).double().train()
+    ComputeLoss(reference)(reference(x.double()), targets.double())[0].backward()
+    g64 = torch.cat([p.grad.flatten() for p in reference.parameters()])
+    grads = {k: torch.cat([p.grad.double().flatten() for p in m.parameters()]) for k, m in models.items()}
+    return {k: float((g - g64).norm() / g64.norm()) for k, g in grads.items()}
+
+
+def training_case(model: torch.nn.Module, batch: int, size: int) -> tuple[dict, float, dict]:
+    """Training-step callables per format (forward, loss, backward), the largest relative gradient difference
+    between the formats, and each format's gradient error against a float64 reference."""
     torch.manual_seed(0)
     x = torch.rand(batch, 3, size, size)
     targets = torch.tensor([[i, i % 3, 0.5, 0.5, 0.3, 0.4] for i in range(batch)], dtype=torch.float32)
@@ -79,7 +90,9 @@ def training_case(model: torch.nn.Module, batch: int, size: int) -> tuple[dict, 
     for k in FORMATS:
         step(k)
     grads = [torch.cat([p.grad.flatten() for p in models[k].parameters()]) for k in FORMATS]
-    return {k: (lambda k=k: step(k)) for k in FORMATS}, float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
+    errors = gradient_errors(models, inputs, model, x, targets)
+    diff = float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
+    return {k: (lambda k=k: step(k)) for k in FORMATS}, diff, errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,10 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     model = DetectionModel(opt.cfg, nc=3, verbose=False)
     model.hyp = HYP
     folded = copy.deepcopy(model).fuse().eval()
+    *train_fns, errors = training_case(model, 16, 320)
     cases = {
         "folded, batch 1, 480x640 (detect)": inference_case(folded, (1, 3, 480, 640)),
         "folded, batch 8, 640x640 (val)": inference_case(folded, (8, 3, 640, 640)),
-        "training step, batch 16, 320x320": training_case(model, 16, 320),
+        "training step, batch 16, 320x320": tuple(train_fns),
     }
     print(f"{opt.cfg}, torch {torch.__version__}, {opt.threads} threads, median of {opt.runs} runs (ms)\n")
     print("| workload | NCHW | channels_last | speed-up | max rel. difference |\n|---|---:|---:|---:|---:|")
@@ -104,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         t = interleaved(fns, opt.runs, opt.warmup)
         print(f"| {name} | {t['NCHW'] * 1e3:.1f} | {t['channels_last'] * 1e3:.1f} | "
               f"{t['NCHW'] / t['channels_last']:.2f}x | {diff:.1e} |", flush=True)
+    print("\ntraining-step gradients against a float64 NCHW reference (||g - g64|| / ||g64||): "
+          + ", ".join(f"{k} {e:.1e}" for k, e in errors.items()))
 
 
 if __name__ == "__main__":

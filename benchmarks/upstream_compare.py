@@ -10,7 +10,8 @@ What is compared (upstream's defaults everywhere; both sides get identical argum
             pickle of the same weights; wall time of the whole command, per-image times, and the metrics row
     detect  detect.py --img 640 on the val images, same weights; wall time and per-image times
     train   train.py --cfg yolov5s.yaml --weights '' --img 320 --batch-size 16 --workers 2 --epochs 1; wall time
-            of the whole command and the epoch's mean seconds per iteration (from the progress bar)
+            of the whole command and the last epoch's mean seconds per iteration (from its progress bar);
+            --ours-train-args adds arguments on our side only (e.g. '--compile'), --train-epochs more epochs
 
 Upstream gets its own copy of the labels (its label cache has the same name as ours and another format), a
 font in a private config folder (v7.0 would download Arial.ttf) and TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
@@ -27,6 +28,7 @@ import argparse
 import csv
 import os
 import re
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -143,7 +145,8 @@ def task_args(task: str, side: dict, source: str, opt: argparse.Namespace, proje
     if task == "detect":
         return ["detect.py", "--weights", str(side["weights"]), "--source", source, "--img", str(opt.img), *common]
     return ["train.py", "--cfg", side["cfg"], "--weights", "", "--data", str(side["data"]), "--img",
-            str(opt.train_img), "--batch-size", "16", "--workers", "2", "--epochs", "1", *common]
+            str(opt.train_img), "--batch-size", "16", "--workers", "2", "--epochs", str(opt.train_epochs), *common,
+            *side.get("train_extra", [])]
 
 
 def parse_output(text: str, train_img: int = 320) -> dict:
@@ -212,7 +215,8 @@ def main(opt: argparse.Namespace) -> list[dict]:
     root, prefix, version = upstream_location(opt.upstream_python, opt.upstream_root)
     up_env = upstream_env(work)
     sides = {"ours": {"python": sys.executable, "cwd": ROOT, "env": dict(os.environ), "data": Path(opt.data),
-                      "cfg": opt.cfg, "weights": Path(opt.weights) if opt.weights else None},
+                      "cfg": opt.cfg, "weights": Path(opt.weights) if opt.weights else None,
+                      "train_extra": shlex.split(opt.ours_train_args)},
              "upstream": {"python": opt.upstream_python, "cwd": root, "env": up_env,
                           "data": upstream_data(data, work), "cfg": str(root / "models" / opt.cfg)}}
     if opt.weights:
@@ -220,6 +224,7 @@ def main(opt: argparse.Namespace) -> list[dict]:
                                                         up_env)
     tasks = [t for t in opt.tasks if t == "train" or opt.weights]
     header = [f"upstream: {version}; ours: {ROOT}", f"weights: {opt.weights or '-'}; data: {opt.data}",
+              f"train: {opt.train_epochs} epoch(s); our extra train.py arguments: {opt.ours_train_args or 'none'}",
               f"repeats: {opt.repeats}, the two sides alternating (ours first in even repeats)",
               f"command: python benchmarks.py upstream {' '.join(sys.argv[2:])}"]
     rows = []
@@ -255,6 +260,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cfg", default="yolov5s.yaml", help="model YAML for train (a name in both models/)")
     parser.add_argument("--img", type=int, default=640, help="val and detect image size")
     parser.add_argument("--train-img", type=int, default=320, help="train image size")
+    parser.add_argument("--train-epochs", type=int, default=1, help="train epochs (s/iteration: the last epoch's)")
+    parser.add_argument("--ours-train-args", default="", help="extra train.py arguments for our side, e.g. '--compile'")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="what to compare")
     parser.add_argument("--repeats", type=int, default=3, help="runs per task and side")
     parser.add_argument("--project", type=Path, default=ROOT / "runs/benchmarks/upstream", help="output folder")

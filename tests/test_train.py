@@ -20,7 +20,7 @@ from utils.dataloaders import create_dataloader
 from utils.datasets_check import check_dataset
 from utils.loss import ComputeLoss
 from utils.synthetic import generate_shapes
-from utils.torch_utils import ShapeCompiledForward
+from utils.torch_utils import ShapeCompiledForward, init_seeds
 
 NO_AUGMENT = {"hsv_h": 0, "hsv_s": 0, "hsv_v": 0, "degrees": 0, "translate": 0, "scale": 0, "shear": 0,
               "perspective": 0, "flipud": 0, "fliplr": 0, "mosaic": 0, "mixup": 0, "copy_paste": 0}
@@ -170,3 +170,24 @@ def test_train_script_with_compile(tiny_data, tmp_path):
     assert "compile: torch.compile on the first batch" in out and "1 epochs completed" in out
     assert "torch.compile failed" not in out
     assert (tmp_path / "exp/weights/best.pt").is_file()
+
+
+def test_deterministic_mode_without_nan_fill_gives_identical_gradients():
+    """init_seeds(deterministic=True) switches off the NaN fill of new tensors: the gradients are bit-identical."""
+    init_seeds(0, deterministic=True)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory is False
+    model = DetectionModel("yolov5n.yaml", nc=5, verbose=False).train()
+    model.hyp = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-low.yaml").read_text())
+    x, targets = torch.rand(2, 3, 64, 64), torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.3], [1, 2, 0.3, 0.6, 0.2, 0.2]])
+    grads = []
+    try:
+        for fill in (True, False):
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+            model.zero_grad(set_to_none=True)
+            ComputeLoss(model)(model(x), targets)[0].backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.utils.deterministic.fill_uninitialized_memory = True
+    assert torch.equal(grads[0], grads[1])
