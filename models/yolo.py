@@ -30,7 +30,7 @@ from models.common import (  # noqa: E402
     Expand, Focus, GhostBottleneck, GhostConv,
 )
 from utils.autoanchor import check_anchor_order  # noqa: E402
-from utils.general import LOGGER, UserInputError, make_divisible, set_logging, yaml_load  # noqa: E402
+from utils.general import LOGGER, UserInputError, first_line, make_divisible, set_logging, yaml_load  # noqa: E402
 from utils.torch_utils import model_info, profile_layer, scale_img, select_device  # noqa: E402
 
 MODELS_DIR = ROOT / "models"
@@ -201,11 +201,6 @@ def _measure_levels(module: nn.Module, c1: int, where: str) -> tuple[list[int | 
     return slots, chans
 
 
-def _first_line(error: Exception) -> str:
-    """The first line of an exception's message (torch's argument errors span many lines)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _check_anchors(anchors: Any, source: str) -> None:
     """'anchors': None, a positive count per level, or rows of [w, h, w, h, ...] positive pixel sizes of one length."""
     if anchors is None or (isinstance(anchors, int) and not isinstance(anchors, bool) and anchors > 0):
@@ -268,7 +263,7 @@ def parse_model(d: dict, ch: int, source: str = "model.yaml",
         except ModelConfigError:
             raise
         except (TypeError, ValueError, IndexError, KeyError, RuntimeError, ArithmeticError) as e:
-            raise ModelConfigError(f"{where}: cannot build {name}{args}: {_first_line(e)}") from None
+            raise ModelConfigError(f"{where}: cannot build {name}{args}: {first_line(e)}") from None
         if act is not None:
             _apply_activation(module, act)
         takes_list = kind in ("concat", "detect") and isinstance(row[0], list)  # e.g. Detect on one level: [17]
@@ -439,7 +434,7 @@ class DetectionModel(BaseModel):
                 outs = self.forward(torch.zeros(1, ch, s, s))
         except (RuntimeError, ValueError, TypeError, IndexError, ArithmeticError) as e:
             raise ModelConfigError(f"{source}: the layers do not fit together (a test forward failed: "
-                                   f"{_first_line(e)})") from None
+                                   f"{first_line(e)})") from None
         finally:
             self.train(was_training)
         return [s / x.shape[-2] for x in outs]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.general import LOGGER, UserInputError
+from utils.general import LOGGER, UserInputError, first_line
 
 FORMAT = "yolov5-rep/1"
 
@@ -67,7 +67,7 @@ def load_checkpoint(path: str | Path) -> dict:
 
         return convert_upstream_checkpoint(path)
     except Exception as e:  # a damaged or foreign file can make the unpickler raise almost anything
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = first_line(e)
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or "yaml" not in ckpt or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a YOLOv5 checkpoint (no model definition inside)")

@@ -32,6 +32,11 @@ class UserInputError(ValueError):
     """Bad user input (a file, a YAML key, a flag); the message is one line that names the culprit."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when empty (torch's errors span many lines)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def run_cli(main, parse_opt, name: str, errors: tuple = ()) -> None:
     """Entry point of a script: logging, the argument echo, and user errors as one ERROR line with exit code 2."""
     set_logging()
