@@ -61,7 +61,7 @@ from utils.datasets_check import check_dataset  # noqa: E402
 from utils.general import LOGGER, UserInputError, machine_summary, set_logging, yaml_load  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
-from utils.torch_utils import ModelEMA, count_flops, model_gflops, smart_optimizer  # noqa: E402
+from utils.torch_utils import ModelEMA, count_flops, model_gflops, retain_freed_memory, smart_optimizer  # noqa: E402
 
 FORMS = ("unfolded", "folded", "torchscript", "onnxruntime")
 MIB = 2**20
@@ -347,6 +347,7 @@ def run_worker(job: dict) -> int:
         measure_latency(job["model"], job, result, save)
         save()
         if job.get("train"):
+            retain_freed_memory()  # as train.py's process does
             measure_training(job["model"], job, result)
         result.update(status="ok", peak_mib=peak_rss_mib())
         return 0

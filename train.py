@@ -47,8 +47,8 @@ from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
-    EarlyStopping, ModelEMA, ShapeCompiledForward, de_parallel, init_seeds, select_device, smart_optimizer,
-    torch_distributed_zero_first,
+    EarlyStopping, ModelEMA, ShapeCompiledForward, de_parallel, init_seeds, retain_freed_memory, select_device,
+    smart_optimizer, torch_distributed_zero_first,
 )
 
 LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
@@ -594,6 +594,7 @@ def run(**kwargs) -> argparse.Namespace:
 
 if __name__ == "__main__":
     set_logging()
+    retain_freed_memory()  # this process only trains: keep activations' memory between steps (no page faults)
     try:
         main(parse_opt())
     except (UserInputError, yaml.YAMLError) as e:

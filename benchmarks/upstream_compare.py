@@ -10,7 +10,8 @@ What is compared (upstream's defaults everywhere; both sides get identical argum
             pickle of the same weights; wall time of the whole command, per-image times, and the metrics row
     detect  detect.py --img 640 on the val images, same weights; wall time and per-image times
     train   train.py --cfg yolov5s.yaml --weights '' --img 320 --batch-size 16 --workers 2 --epochs 1; wall time
-            of the whole command and the last epoch's mean seconds per iteration (from its progress bar);
+            of the whole command and the mean seconds per iteration (epoch bars' elapsed times, first epoch left
+            out when there are more);
             --ours-train-args adds arguments on our side only (e.g. '--compile'), --train-epochs more epochs
 
 Upstream gets its own copy of the labels (its label cache has the same name as ours and another format), a
@@ -49,7 +50,7 @@ from utils.datasets_check import check_dataset  # noqa: E402
 TASKS = ("val", "detect", "train")
 SPEED = re.compile(r"Speed: ([\d.]+)ms pre-process, ([\d.]+)ms inference, ([\d.]+)ms NMS")
 METRICS = re.compile(r"^\s*all\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", re.M)
-BAR_RATE = re.compile(r"(\d+)/(\d+) \[[\d:]+<[\d:]+,\s+([\d.]+)(s/it|it/s)\]")
+BAR = re.compile(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<[\d:]+,\s+([\d.]+)(s/it|it/s)\]")
 COLUMNS = ["task", "who", "repeat", "status", "wall_s", "pre_ms", "inf_ms", "nms_ms", "s_per_iter", "metrics",
            "nms_time_limit_warnings"]
 
@@ -150,17 +151,32 @@ def task_args(task: str, side: dict, source: str, opt: argparse.Namespace, proje
 
 
 def parse_output(text: str, train_img: int = 320) -> dict:
-    """Per-image times, metrics row, the last progress bar's s/iteration and upstream's NMS time-limit warnings."""
+    """Per-image times, metrics row, mean seconds per training iteration and upstream's NMS time-limit warnings.
+
+    Seconds per iteration: the elapsed times of the finished epoch bars over their iterations, without the first
+    epoch when there are more (warm-up, compiling). tqdm's own closing rate is a moving average that the last
+    iterations (an epoch's smaller last batch) dominate; it is used only when the epochs took under a second in all
+    (the elapsed time has a resolution of 1 s).
+    """
     text = text.replace("\r", "\n")
     row: dict = {"nms_time_limit_warnings": text.count("NMS time limit")}
     if speeds := SPEED.findall(text):
         row.update(zip(("pre_ms", "inf_ms", "nms_ms"), map(float, speeds[-1]), strict=True))
     if metrics := METRICS.findall(text):
         row["metrics"] = " ".join(metrics[0][2:])  # P R mAP50 mAP50-95 of the first 'all' row
-    epoch_bars = [line for line in text.splitlines() if f" {train_img}: 100%|" in line]
-    if epoch_bars and (rate := BAR_RATE.search(epoch_bars[-1])):
-        value = float(rate.group(3))
-        row["s_per_iter"] = value if rate.group(4) == "s/it" else 1 / value
+    finished = {}  # epoch -> its bar's last update (tqdm redraws a finished bar when its description changes)
+    for line in text.splitlines():
+        if f" {train_img}: 100%|" in line and (m := BAR.search(line)):
+            finished[line.split()[0]] = m
+    bars = list(finished.values())
+    timed = bars[1:] or bars
+    iterations = sum(int(m.group(2)) for m in timed)
+    elapsed = sum(int(m.group(3) or 0) * 3600 + int(m.group(4)) * 60 + int(m.group(5)) for m in timed)
+    if elapsed:
+        row["s_per_iter"] = elapsed / iterations
+    elif bars:
+        value = float(bars[-1].group(6))
+        row["s_per_iter"] = value if bars[-1].group(7) == "s/it" else 1 / value
     return row
 
 

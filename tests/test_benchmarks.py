@@ -87,18 +87,25 @@ def test_efficiency_formulas_and_speed_line():
 
 
 def test_upstream_compare_parses_upstream_style_output():
-    """Speed line, first 'all' row, the epoch bar's mean s/iteration (from \\r-separated tqdm updates), warnings."""
+    """Speed line, first 'all' row, mean s/iteration from the epoch bars' elapsed times (\\r-separated tqdm updates,
+    first epoch left out when there are more), NMS warnings."""
     compare = benchmarks.load_script("upstream_compare")
-    text = ("      0/0         0G     0.1054     0.1576    0.03678         77        320:  95%|█████████▌| 18/19 "
-            "[00:24<00:01,  1.13it/s]\r      0/0         0G     0.1054     0.1576    0.03678         77        320: "
-            "100%|██████████| 19/19 [00:25<00:00,  1.35s/it]\nWARNING ⚠️ NMS time limit 2.100s exceeded\n"
+
+    def bar(epoch: int, elapsed: str, rate: str) -> str:
+        head = f"      {epoch}/2         0G     0.1054     0.1576    0.03678         77        320:"
+        done = f"{head} 100%|██████████| 19/19 [{elapsed}<00:00,"
+        return f"{head}  95%|█████████▌| 18/19 [00:20<00:01,  1.13it/s]\r{done}  1.0s/it]\r{done}  {rate}]\n"
+
+    text = (bar(0, "00:38", "1.35s/it") + "WARNING ⚠️ NMS time limit 2.100s exceeded\n"
             "                   all         72        945      0.274      0.516      0.393      0.155\n"
             "                   RBC         72        805      0.358      0.358      0.285     0.0722\n"
             "Speed: 2.2ms pre-process, 131.4ms inference, 78.0ms NMS per image at shape (32, 3, 640, 640)\n")
     row = compare.parse_output(text, train_img=320)
     assert row == {"nms_time_limit_warnings": 1, "pre_ms": 2.2, "inf_ms": 131.4, "nms_ms": 78.0,
-                   "metrics": "0.274 0.516 0.393 0.155", "s_per_iter": 1.35}
-    assert compare.parse_output(text.replace("1.35s/it]", "2.00it/s]"), 320)["s_per_iter"] == 0.5
+                   "metrics": "0.274 0.516 0.393 0.155", "s_per_iter": 2.0}  # 38 s / 19 iterations, not tqdm's 1.35
+    epochs = bar(0, "01:40", "9.0s/it") + bar(1, "00:19", "1.1s/it") + bar(2, "1:00:38", "1.2s/it")
+    assert compare.parse_output(epochs, 320)["s_per_iter"] == pytest.approx((19 + 3638) / 38)  # epoch 0 left out
+    assert compare.parse_output(bar(0, "00:00", "2.00it/s"), 320)["s_per_iter"] == 0.5  # under 1 s: tqdm's rate
     assert "s_per_iter" not in compare.parse_output(text, train_img=640)
 
 

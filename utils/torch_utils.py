@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import platform
 import random
 import time
 from contextlib import contextmanager
@@ -52,6 +54,22 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
         torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.deterministic = True
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+
+
+def retain_freed_memory() -> bool:
+    """Let freed tensor memory stay in the process for the next allocation instead of going back to the OS.
+
+    glibc returns large freed blocks (mmap'ed ones, and the heap's free top) to the OS, so an eager CPU training
+    step, which frees and re-allocates its activations, page-faults them in again every step: 0.5-1 GB of faults,
+    10-20% of a yolov5s step at 320. With mmap off and trimming raised to 2 GiB the step runs without faults; peak
+    memory is unchanged (the resident size stays at the peak). Process-wide, for the training scripts' processes;
+    glibc (Linux) only. Returns whether it applied.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def time_sync() -> float:
