@@ -404,7 +404,7 @@ def training_forward(model: nn.Module, compile_model: bool):
     if RANK != -1:
         LOGGER.warning("WARNING --compile is not supported with DDP; training without it")
         return model
-    LOGGER.info(f"{colorstr('compile: ')}torch.compile on the first batch (on a CPU about 1-2 min the first time on a "
+    LOGGER.info(f"{colorstr('compile: ')}torch.compile on the first batch (on a 2-core CPU 2-5 min the first time on a "
                 "machine, seconds once cached); an epoch's last, smaller batch runs eagerly")
     return ShapeCompiledForward(model)
 
@@ -485,7 +485,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Global training seed")
     parser.add_argument("--local_rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the training forward (CPU: 1.2-1.3x per iteration after a one-off compile)")
+                        help="torch.compile the training forward (a one-off compile of minutes on a CPU; "
+                             "1.0-1.3x per iteration measured, see docs/BENCHMARKS.md)")
     parser.add_argument("--custom-l2", action="store_true",
                         help="RepVGG custom L2 on equivalent kernels instead of weight decay on RepVGG blocks")
     return parser.parse_args(argv)
