@@ -200,7 +200,7 @@ from utils.torch_utils import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 torch.manual_seed(0)
 model = DetectionModel("yolov5n.yaml", nc=5, verbose=False).train()
-x = torch.rand(8, 3, 320, 320)  # activations of 0.1-13 MiB each
+x = torch.rand(8, 3, 640, 640)  # the largest activations (50 MiB) are above any mmap threshold glibc adapts to
 for i in range(6):
     if i == 4:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -212,8 +212,9 @@ print(applied, faults, torch.cat([p.grad.flatten() for p in model.parameters()])
 
 def test_retained_memory_removes_the_page_faults_of_training_steps():
     """retain_freed_memory() (train.py's process): after four warm-up steps, forward + backward reuse freed memory
-    without page faults, where glibc's default unmaps and maps it again (thousands of 4 KiB faults a step); the
-    gradients are bit-identical."""
+    (usually no page faults; always under a fifth of the default's), where glibc's default unmaps and maps the 50 MiB
+    activations again (over 100,000 faults of 4 KiB pages in two steps); the gradients are bit-identical. Smaller
+    activations would not show it: glibc raises its mmap threshold up to 32 MiB as blocks are freed."""
     runs = {}
     for mode in ("default", "retain"):
         out = subprocess.run([sys.executable, "-c", RETAIN_PROBE, mode], cwd=ROOT, capture_output=True, text=True,
@@ -222,5 +223,5 @@ def test_retained_memory_removes_the_page_faults_of_training_steps():
         applied, faults, gradient_sum = out.stdout.split()[-3:]
         runs[mode] = applied == "True", int(faults), gradient_sum
     assert runs["retain"][0] and not runs["default"][0]
-    assert runs["default"][1] > 5_000 and runs["retain"][1] < runs["default"][1] / 10, runs
+    assert runs["default"][1] > 20_000 and runs["retain"][1] < runs["default"][1] / 5, runs
     assert runs["default"][2] == runs["retain"][2]
