@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
 
 from export import export_one, prepare_for_export  # noqa: E402
 from models.yolo import MODELS_DIR, DetectionModel, find_model_yaml  # noqa: E402
+from train import channels_last_training  # noqa: E402
 from utils.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
 from utils.dataloaders import LoadImages, create_dataloader  # noqa: E402
 from utils.datasets_check import check_dataset  # noqa: E402
@@ -245,11 +246,13 @@ def load_hyp(path: str | Path) -> dict:
 
 class TrainStep:
     """One training iteration as train.py does it on the CPU: forward, ComputeLoss, backward, and on train.py's
-    warm-up accumulation schedule gradient clipping, an SGD step and the EMA update. Same hyp scaling as train.py."""
+    warm-up accumulation schedule gradient clipping, an SGD step and the EMA update. Same hyp scaling and memory
+    format (channels-last where train.py uses it) as train.py."""
 
     def __init__(self, definition: dict | Path, nc: int, imgsz: int, batch: int, hyp: dict, batches_per_epoch: int):
         torch.manual_seed(0)
         self.model = DetectionModel(definition, nc=nc, anchors=hyp.get("anchors"), verbose=False).train()
+        channels_last_training(self.model, torch.device("cpu"), compile_model=False)
         hyp = dict(hyp)
         hyp["weight_decay"] *= batch * max(round(NBS / batch), 1) / NBS
         nl = self.model.model[-1].nl

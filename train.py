@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
+from models.common import BatchNorm2d  # noqa: E402
 from models.yolo import DetectionModel, find_model_yaml  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
@@ -135,6 +136,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
 
     model, ckpt = build_train_model(opt, hyp, nc, device)
     freeze_layers(model, opt.freeze)
+    channels_last_training(model, device, getattr(opt, "compile", False))
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
 
@@ -395,6 +397,31 @@ def clean_interrupted_run(save_dir: Path, start_epoch: int) -> None:
     tmp = file.with_name(f".{file.name}.tmp")
     tmp.write_text(header + "".join(kept))
     os.replace(tmp, file)
+
+
+def channels_last_training(model: nn.Module, device: torch.device, compile_model: bool) -> bool:
+    """Train channels-last (NHWC, oneDNN's own layout: CPU steps 1.1-1.25x faster, docs/BENCHMARKS.md) where it is as
+    accurate and safe as NCHW; converts the convolution weights in place and returns whether it did.
+
+    Conditions: the CPU without DDP or --compile; every batch norm a ``models.common.BatchNorm2d`` (PyTorch's own
+    NHWC kernel loses precision; timm backbones keep theirs); strided 1x1 convolutions with under 16 input channels
+    stay NCHW, which only those that read the (NCHW) image can (oneDNN's NHWC weight gradient of such a convolution
+    corrupts memory in torch 2.14.1).
+    """
+    if device.type != "cpu" or RANK != -1 or compile_model:
+        return False
+    if not all(isinstance(m, BatchNorm2d) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        return False
+    first_layer, image_channels = set(model.model[0].modules()), model.yaml["ch"]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    unsafe = [m for m in convs if m.in_channels < 16 and m.kernel_size == (1, 1) and m.stride != (1, 1)]
+    if any(m not in first_layer or m.in_channels != image_channels for m in unsafe):
+        return False
+    for m in convs:
+        if m not in unsafe:
+            m.to(memory_format=torch.channels_last)
+    LOGGER.info(f"{colorstr('memory format: ')}channels-last training (NHWC)")
+    return True
 
 
 def training_forward(model: nn.Module, compile_model: bool):

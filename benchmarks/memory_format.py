@@ -2,8 +2,9 @@
 
 Three workloads of one model: the folded model at batch 1 on a 640x480 image (detect.py's letterboxed BCCD
 image), the folded model at batch 8 at 640 (val.py), and a training step (forward, YOLOv5 loss, backward) of the
-training-form model at 320, batch 16. The two formats are timed round-robin (median of --runs after --warmup),
-and their outputs compared; the training step's gradients are also compared with a float64 reference.
+training-form model at 320, batch 16, channels-last as train.py makes it (``channels_last_training``). The two
+formats are timed round-robin (median of --runs after --warmup), and their outputs compared; the training step's
+gradients are also compared with a float64 reference.
 
 Usage:
     python benchmarks/memory_format.py --cfg yolov5s.yaml --runs 10
@@ -25,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from models.yolo import DetectionModel  # noqa: E402
+from train import channels_last_training  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.torch_utils import convs_channels_last  # noqa: E402
 
@@ -78,8 +80,10 @@ def training_case(model: torch.nn.Module, batch: int, size: int) -> tuple[dict, 
     torch.manual_seed(0)
     x = torch.rand(batch, 3, size, size)
     targets = torch.tensor([[i, i % 3, 0.5, 0.5, 0.3, 0.4] for i in range(batch)], dtype=torch.float32)
-    models = {k: to_format(model, f).train() for k, f in FORMATS.items()}
-    inputs = {k: x.contiguous(memory_format=f) for k, f in FORMATS.items()}
+    models = {k: copy.deepcopy(model).train() for k in FORMATS}
+    if not channels_last_training(models["channels_last"], torch.device("cpu"), compile_model=False):
+        raise SystemExit(f"{model.yaml_file}: train.py would not train this model channels-last")
+    inputs = {k: x for k in FORMATS}  # train.py's NCHW images; the convolutions after the first run channels-last
 
     def step(k: str) -> None:
         m = models[k]

@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:
 
 import models.modules  # noqa: E402
 from models.common import (  # noqa: E402
-    C3, C3SPP, C3TR, SPP, SPPF, Bottleneck, BottleneckCSP, C3Ghost, C3x, Concat, Contract, Conv, CrossConv, DWConv,
-    Expand, Focus, GhostBottleneck, GhostConv,
+    C3, C3SPP, C3TR, SPP, SPPF, BatchNorm2d, Bottleneck, BottleneckCSP, C3Ghost, C3x, Concat, Contract, Conv,
+    CrossConv, DWConv, Expand, Focus, GhostBottleneck, GhostConv,
 )
 from utils.autoanchor import check_anchor_order  # noqa: E402
 from utils.general import LOGGER, UserInputError, first_line, make_divisible, set_logging, yaml_load  # noqa: E402
@@ -106,7 +106,7 @@ CORE_MODULES: dict[str, tuple[Callable, str]] = {
     "nn.Upsample": (nn.Upsample, "plain"),
     "nn.MaxPool2d": (nn.MaxPool2d, "plain"),
     "nn.Identity": (nn.Identity, "plain"),
-    "nn.BatchNorm2d": (nn.BatchNorm2d, "bn"),
+    "nn.BatchNorm2d": (BatchNorm2d, "bn"),  # accurate in channels-last CPU training
     "Concat": (Concat, "concat"),
     "Contract": (Contract, "contract"),
     "Expand": (Expand, "expand"),

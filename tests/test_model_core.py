@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.common import Conv
+from models.common import BatchNorm2d, Conv
 from models.yolo import BackboneSlot, DetectionModel, ModelConfigError, find_model_yaml
 from tests.helpers import SHARED, fold_error, n_params, randomize_bn
 
@@ -224,3 +224,64 @@ def test_channels_last_backend_gives_the_folded_models_outputs(tmp_path):
         want = model.fuse().eval()(x)[0]
         got = backend(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def batch_norm_step(bn: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    """Output, input gradient, weight and bias gradients of one training-mode call."""
+    x = x.detach().clone().requires_grad_()
+    y = bn(x)
+    y.backward(grad)
+    return [y.detach(), x.grad, bn.weight.grad, bn.bias.grad]
+
+
+def test_channels_last_batch_norm_is_accurate_where_pytorch_nhwc_kernel_is_not():
+    """models.common.BatchNorm2d on channels-last CPU input of a large mean (as conv outputs after SiLU have): output
+    and gradients as close to float64 as NCHW's, where nn.BatchNorm2d's NHWC kernel is 20x+ off in its output;
+    running statistics as nn.BatchNorm2d's; NCHW and eval mode are nn.BatchNorm2d's own kernels, bit for bit."""
+    torch.manual_seed(0)
+    x64, grad64 = torch.randn(8, 32, 48, 48, dtype=torch.float64) + 30, torch.randn(8, 32, 48, 48, dtype=torch.float64)
+    cl = torch.channels_last
+
+    def make(cls, dtype=torch.float32):
+        torch.manual_seed(1)
+        bn = cls(32)
+        nn.init.uniform_(bn.weight, 0.5, 1.5)
+        nn.init.uniform_(bn.bias, -1, 1)
+        return bn.to(dtype)
+
+    reference = batch_norm_step(make(nn.BatchNorm2d, torch.float64), x64, grad64)
+    x, grad = x64.float(), grad64.float()
+    runs = {"nchw": (make(nn.BatchNorm2d), x, grad),
+            "pytorch nhwc": (make(nn.BatchNorm2d), x.contiguous(memory_format=cl), grad.contiguous(memory_format=cl)),
+            "ours nhwc": (make(BatchNorm2d), x.contiguous(memory_format=cl), grad.contiguous(memory_format=cl))}
+    errors, modules = {}, {}
+    for name, (bn, xi, gi) in runs.items():
+        out = batch_norm_step(bn, xi, gi)
+        errors[name] = [float((o.double() - r).norm() / r.norm()) for o, r in zip(out, reference)]
+        modules[name] = bn
+    ours, native, nchw = errors["ours nhwc"], errors["pytorch nhwc"], errors["nchw"]
+    assert ours[0] < native[0] / 20 and ours[0] < 5 * nchw[0] + 1e-7, errors  # output
+    assert ours[1] < 2 * nchw[1] + 1e-7, errors  # input gradient
+    assert max(ours[2:]) < 2e-5, errors  # weight and bias gradients (PyTorch's NHWC backward sums: ~5e-6)
+    for key in ("running_mean", "running_var"):
+        torch.testing.assert_close(getattr(modules["ours nhwc"], key), getattr(modules["nchw"], key), rtol=1e-5,
+                                   atol=1e-6)
+    assert int(modules["ours nhwc"].num_batches_tracked) == 1
+    for train in (True, False):  # everything but channels-last CPU training is nn.BatchNorm2d's path
+        ours, theirs = make(BatchNorm2d).train(train), make(nn.BatchNorm2d).train(train)
+        assert torch.equal(ours(x), theirs(x))
+    ours, theirs = make(BatchNorm2d).eval(), make(nn.BatchNorm2d).eval()
+    assert torch.equal(ours(x.contiguous(memory_format=cl)), theirs(x.contiguous(memory_format=cl)))
+
+
+def test_channels_last_batch_norm_with_frozen_affine_parameters():
+    """Frozen weight and bias (--freeze) take no gradients; the input gradient still matches nn.BatchNorm2d's."""
+    x = (torch.randn(2, 16, 8, 8) + 5).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for cls in (BatchNorm2d, nn.BatchNorm2d):
+        bn = cls(16).requires_grad_(False)
+        xi = x.clone().requires_grad_()
+        bn(xi).square().sum().backward()
+        assert bn.weight.grad is None and bn.bias.grad is None
+        grads.append(xi.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)

@@ -75,8 +75,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def model_state(model: nn.Module) -> dict:
-    """A detached float32 CPU copy of a model's state_dict."""
-    return {k: v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()
+    """A detached, contiguous float32 CPU copy of a model's state_dict (channels-last weights stored as NCHW)."""
+    return {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu()
             for k, v in model.state_dict().items()}
 
 

@@ -21,7 +21,8 @@ YOLOV5_CLASSES = {
     "models.yolo": ("DetectionModel", "Model", "Detect", "BaseModel"),
     "models.common": ("Conv", "DWConv", "Bottleneck", "BottleneckCSP", "C3", "C3x", "C3TR", "C3SPP", "C3Ghost",
                       "CrossConv", "SPP", "SPPF", "Focus", "GhostConv", "GhostBottleneck", "Concat", "Contract",
-                      "Expand", "TransformerLayer", "TransformerBlock", "DWConvTranspose2d"),
+                      "Expand", "TransformerLayer", "TransformerBlock", "DWConvTranspose2d",
+                      "BatchNorm2d"),  # ours (pickles of this repository's models); upstream uses torch's
     "models.experimental": ("CrossConv", "Sum", "MixConv2d", "Ensemble"),
     "torch.nn.modules.conv": ("Conv2d", "ConvTranspose2d"),
     "torch.nn.modules.batchnorm": ("BatchNorm2d",),

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from timm.layers import SEModule, make_divisible
 
-from models.common import C3, Conv, ConvBN, bn_as_conv, identity_kernel, make_conv
+from models.common import C3, BatchNorm2d, Conv, ConvBN, bn_as_conv, identity_kernel, make_conv
 
 
 class RepGhostModule(nn.Module):
@@ -38,7 +38,7 @@ class RepGhostModule(nn.Module):
         super().__init__()
         self.primary = Conv(c1, c2, k, stride, act=act)
         self.cheap = ConvBN(c2, c2, dw_size, 1, g=c2)
-        self.fusion_bn = nn.BatchNorm2d(c2) if reparam_bn else None
+        self.fusion_bn = BatchNorm2d(c2) if reparam_bn else None
         self.fusion_identity = reparam_identity
         self.act = nn.SiLU() if act else nn.Identity()
 

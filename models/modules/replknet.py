@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
-from models.common import Conv, ConvBN, fold_bn, make_conv, pad_kernel
+from models.common import BatchNorm2d, Conv, ConvBN, fold_bn, make_conv, pad_kernel
 from models.modules.large_kernel import LargeKernelDepthwiseConv2d
 
 LOGGER = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class ConvFFN(nn.Module):
 
     def __init__(self, cin: int, cinternal: int, cout: int, drop_path: float):
         super().__init__()
-        self.preffn_bn = nn.BatchNorm2d(cin)
+        self.preffn_bn = BatchNorm2d(cin)
         self.pw1 = ConvBN(cin, cinternal, 1)
         self.pw2 = ConvBN(cinternal, cout, 1)
         self.nonlinear = nn.GELU()
@@ -168,7 +168,7 @@ class RepLKBlock(nn.Module):
         self, cin: int, cdw: int, k: int, small_kernel: int | None, drop_path: float, small_kernel_merged: bool = False
     ):
         super().__init__()
-        self.prelkb_bn = nn.BatchNorm2d(cin)
+        self.prelkb_bn = BatchNorm2d(cin)
         self.pw1 = conv_bn_relu(cin, cdw, 1)
         self.large_kernel = ReparamLargeKernelConv(cdw, cdw, k, 1, cdw, small_kernel, small_kernel_merged)
         self.lk_nonlinear = nn.ReLU()

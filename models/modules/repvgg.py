@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from timm.layers import SEModule
 
-from models.common import ConvBN, bn_as_conv, make_conv, pad_kernel
+from models.common import BatchNorm2d, ConvBN, bn_as_conv, make_conv, pad_kernel
 
 GROUPED_LAYERS = range(2, 27, 2)  # block indices (stem excluded, from 1) that g2/g4 variants group
 STAGE_PLANES = (64, 128, 256, 512)
@@ -70,7 +70,7 @@ class RepVGGBlock(nn.Module):
             raise ValueError(f"padding {padding} must be at least k // 2 = {k // 2} to centre the 1x1 branch")
         self.dense = ConvBN(cin, cout, k, stride, padding, groups)
         self.pointwise = ConvBN(cin, cout, 1, stride, padding - k // 2, groups)
-        self.identity = nn.BatchNorm2d(cout) if cin == cout and stride == 1 else None
+        self.identity = BatchNorm2d(cout) if cin == cout and stride == 1 else None
         self.se = SEModule(cout, rd_channels=cout // 16) if use_se else nn.Identity()
         self.act = nn.ReLU(inplace=True)
         self.fused: nn.Conv2d | None = None
