@@ -286,3 +286,22 @@ def test_channels_last_training_only_where_accurate_and_safe():
     model.model[3].conv = nn.Conv2d(8, 64, 1, 2, bias=False)
     assert not channels_last_training(model, cpu, compile_model=False)
     assert not model.model[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+MAIN_PROBE = """
+import runpy, sys
+import utils.torch_utils as torch_utils
+calls = []
+torch_utils.retain_freed_memory = lambda: calls.append("retain")
+sys.argv = ["train.py", "--data", "no_such_data.yaml", "--cfg", "yolov5n.yaml"]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+except SystemExit as e:
+    print(calls, e.code)
+"""
+
+
+def test_train_script_keeps_freed_memory():
+    """python train.py calls retain_freed_memory() in its own process (before the bad --data fails cleanly)."""
+    out = subprocess.run([sys.executable, "-c", MAIN_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.stdout.split()[-2:] == ["['retain']", "2"], out.stdout[-1000:] + out.stderr[-2000:]
