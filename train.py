@@ -513,8 +513,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local_rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training forward, in NCHW (a one-off compile of minutes on a CPU; "
-                             "0.9-1.3x eager NCHW per iteration, where eager CPU training runs channels-last, "
-                             "see docs/BENCHMARKS.md)")
+                             "on the CPU measured no faster than eager channels-last training, see docs/BENCHMARKS.md)")
     parser.add_argument("--custom-l2", action="store_true",
                         help="RepVGG custom L2 on equivalent kernels instead of weight decay on RepVGG blocks")
     return parser.parse_args(argv)
