@@ -400,8 +400,8 @@ def clean_interrupted_run(save_dir: Path, start_epoch: int) -> None:
 
 
 def channels_last_training(model: nn.Module, device: torch.device, compile_model: bool) -> bool:
-    """Train channels-last (NHWC, oneDNN's own layout: CPU steps 1.1-1.25x faster, docs/BENCHMARKS.md) where it is as
-    accurate and safe as NCHW; converts the convolution weights in place and returns whether it did.
+    """Train channels-last (NHWC, oneDNN's own layout: CPU steps 1.0-1.26x faster, yolov5s 1.18x, docs/BENCHMARKS.md)
+    where it is as accurate and safe as NCHW; converts the convolution weights in place and returns whether it did.
 
     Conditions: the CPU without DDP or --compile; every batch norm a ``models.common.BatchNorm2d`` (PyTorch's own
     NHWC kernel loses precision; timm backbones keep theirs); strided 1x1 convolutions with under 16 input channels

@@ -64,8 +64,7 @@ def inference_case(model: torch.nn.Module, shape: tuple) -> tuple[dict, float]:
     return fns, float((a - b).abs().max() / b.abs().max())
 
 
-def gradient_errors(models: dict, inputs: dict, reference: torch.nn.Module, x: torch.Tensor,
-                    targets: torch.Tensor) -> dict[str, float]:
+def gradient_errors(models: dict, reference: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
     """||g - g64|| / ||g64|| per format, against float64 NCHW gradients of the same weights and batch."""
     reference = copy.deepcopy(reference).double().train()
     ComputeLoss(reference)(reference(x.double()), targets.double())[0].backward()
@@ -83,18 +82,17 @@ def training_case(model: torch.nn.Module, batch: int, size: int) -> tuple[dict, 
     models = {k: copy.deepcopy(model).train() for k in FORMATS}
     if not channels_last_training(models["channels_last"], torch.device("cpu"), compile_model=False):
         raise SystemExit(f"{model.yaml_file}: train.py would not train this model channels-last")
-    inputs = {k: x for k in FORMATS}  # train.py's NCHW images; the convolutions after the first run channels-last
 
     def step(k: str) -> None:
         m = models[k]
         m.zero_grad(set_to_none=True)
-        loss, _ = ComputeLoss(m)(m(inputs[k]), targets)
+        loss, _ = ComputeLoss(m)(m(x), targets)  # NCHW images, as train.py feeds them
         loss.backward()
 
     for k in FORMATS:
         step(k)
     grads = [torch.cat([p.grad.flatten() for p in models[k].parameters()]) for k in FORMATS]
-    errors = gradient_errors(models, inputs, model, x, targets)
+    errors = gradient_errors(models, model, x, targets)
     diff = float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
     return {k: (lambda k=k: step(k)) for k in FORMATS}, diff, errors
 

@@ -65,7 +65,7 @@ def make_conv(template: nn.Conv2d, kernel: torch.Tensor, bias: torch.Tensor) -> 
 
 
 class _ChannelsLastBatchNormFunction(torch.autograd.Function):
-    """Training-mode batch norm of a channels-last CPU tensor, with statistics from PyTorch's cascade sums.
+    """Training-mode batch norm of a channels-last CPU tensor, with statistics from two PyTorch reductions.
 
     Forward: mean and biased variance as two reductions over the (N*H*W, C) matrix that NHWC memory is (the
     variance of the centred input, so no cancellation), then PyTorch's fused NHWC kernel in its inference form.
@@ -98,7 +98,8 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     PyTorch's NHWC CPU kernel sums its training statistics in a way that loses precision on inputs with a large
     mean (yolov5s's gradients then differ from a float64 reference by 5e-2, against 1e-4 in NCHW); this module
-    computes them with cascade sums instead (1.4e-4) and otherwise runs PyTorch's fused kernels. Every other case
+    computes the mean and the variance of the centred input itself (1.4e-4) and otherwise runs PyTorch's fused
+    kernels. Every other case
     (NCHW, CUDA, eval mode) is ``nn.BatchNorm2d`` itself. Same parameters, buffers and state_dict keys.
     """
 

@@ -236,8 +236,9 @@ def batch_norm_step(bn: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> list[
 
 def test_channels_last_batch_norm_is_accurate_where_pytorch_nhwc_kernel_is_not():
     """models.common.BatchNorm2d on channels-last CPU input of a large mean (as conv outputs after SiLU have): output
-    and gradients as close to float64 as NCHW's, where nn.BatchNorm2d's NHWC kernel is 20x+ off in its output;
-    running statistics as nn.BatchNorm2d's; NCHW and eval mode are nn.BatchNorm2d's own kernels, bit for bit."""
+    and input gradient as close to float64 as NCHW's, where nn.BatchNorm2d's NHWC kernel is 20x+ off in its output;
+    weight and bias gradients from PyTorch's NHWC backward (measured 3e-6, NCHW's 3e-7 to 9e-7); running statistics
+    as nn.BatchNorm2d's; NCHW and eval mode are nn.BatchNorm2d's own kernels, bit for bit."""
     torch.manual_seed(0)
     x64, grad64 = torch.randn(8, 32, 48, 48, dtype=torch.float64) + 30, torch.randn(8, 32, 48, 48, dtype=torch.float64)
     cl = torch.channels_last
@@ -262,7 +263,7 @@ def test_channels_last_batch_norm_is_accurate_where_pytorch_nhwc_kernel_is_not()
     ours, native, nchw = errors["ours nhwc"], errors["pytorch nhwc"], errors["nchw"]
     assert ours[0] < native[0] / 20 and ours[0] < 5 * nchw[0] + 1e-7, errors  # output
     assert ours[1] < 2 * nchw[1] + 1e-7, errors  # input gradient
-    assert max(ours[2:]) < 2e-5, errors  # weight and bias gradients (PyTorch's NHWC backward sums: ~5e-6)
+    assert max(ours[2:]) < 2e-5, errors  # weight and bias gradients
     for key in ("running_mean", "running_var"):
         torch.testing.assert_close(getattr(modules["ours nhwc"], key), getattr(modules["nchw"], key), rtol=1e-5,
                                    atol=1e-6)

@@ -22,7 +22,7 @@ from utils.dataloaders import create_dataloader
 from utils.datasets_check import check_dataset
 from utils.loss import ComputeLoss
 from utils.synthetic import generate_shapes
-from utils.torch_utils import ShapeCompiledForward, init_seeds
+from utils.torch_utils import ShapeCompiledForward, convs_channels_last, init_seeds
 
 NO_AUGMENT = {"hsv_h": 0, "hsv_s": 0, "hsv_v": 0, "degrees": 0, "translate": 0, "scale": 0, "shear": 0,
               "perspective": 0, "flipud": 0, "fliplr": 0, "mosaic": 0, "mixup": 0, "copy_paste": 0}
@@ -232,10 +232,6 @@ def test_retained_memory_removes_the_page_faults_of_training_steps():
     assert runs["default"][2] == runs["retain"][2]  # every gradient bit
 
 
-def gradients(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.double().flatten() for p in model.parameters()])
-
-
 def test_channels_last_training_is_as_accurate_as_nchw():
     """train.py trains channels-last on the CPU: a yolov5n step on BCCD images has gradients as close to a float64
     NCHW step as NCHW's own (within 2x), where PyTorch's NHWC batch norm in place of ours makes them 10x+ worse."""
@@ -248,7 +244,7 @@ def test_channels_last_training_is_as_accurate_as_nchw():
 
     def step_gradients(model: nn.Module, dtype=torch.float32) -> torch.Tensor:
         ComputeLoss(model)(model(x.to(dtype)), targets.to(dtype))[0].backward()
-        return gradients(model)
+        return torch.cat([p.grad.double().flatten() for p in model.parameters()])
 
     reference = step_gradients(copy.deepcopy(base).double(), torch.float64)
     errors = {}
@@ -258,9 +254,7 @@ def test_channels_last_training_is_as_accurate_as_nchw():
             for m in model.modules():
                 if isinstance(m, BatchNorm2d):
                     m.__class__ = nn.BatchNorm2d
-            for m in model.modules():
-                if isinstance(m, nn.Conv2d):
-                    m.to(memory_format=torch.channels_last)
+            convs_channels_last(model)  # yolov5n has no convolution oneDNN's NHWC gradient mishandles
         elif name == "channels-last":
             assert channels_last_training(model, torch.device("cpu"), compile_model=False)
             assert model.model[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
