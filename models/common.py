@@ -108,11 +108,11 @@ class BatchNorm2d(nn.BatchNorm2d):
                 and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()):
             return super().forward(x)
         y, mean, var = _ChannelsLastBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
-        n = x.numel() // x.shape[1]
+        n = x.numel() // x.shape[1]  # >= 2: a 1x1 map is contiguous and takes nn.BatchNorm2d's path
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             self.running_mean.mul_(1 - self.momentum).add_(mean, alpha=self.momentum)
-            self.running_var.mul_(1 - self.momentum).add_(var, alpha=self.momentum * n / max(n - 1, 1))
+            self.running_var.mul_(1 - self.momentum).add_(var, alpha=self.momentum * n / (n - 1))
         return y
 
 
