@@ -8,6 +8,7 @@ Tasks (the first argument; ``models`` when omitted):
     revcol-memory  benchmarks/revcol_memory.py (its own options follow)
     zoo-epoch      benchmarks/zoo_epoch.py: train.py epoch, detect.py, ONNX export per model YAML (own options follow)
     upstream       benchmarks/upstream_compare.py: val.py, detect.py, train.py against an upstream YOLOv5 install
+    memory-format-ab  benchmarks/memory_format_ab.py: matched train.py runs, channels-last against NCHW (own options)
 
 Usage:
     python benchmarks.py                                          # every models/*.yaml up to --max-gflops
@@ -647,8 +648,14 @@ def run_upstream(argv: list[str]) -> int:
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
+def run_memory_format_ab(argv: list[str]) -> int:
+    script = load_script("memory_format_ab")
+    script.main(script.parse_opt(argv))
+    return 0
+
+
 DELEGATES = {"large-kernel": run_large_kernel, "revcol-memory": run_revcol_memory, "zoo-epoch": run_zoo_epoch,
-             "upstream": run_upstream}
+             "upstream": run_upstream, "memory-format-ab": run_memory_format_ab}
 
 
 def common_options(parser: argparse.ArgumentParser, name: str) -> None:

@@ -56,6 +56,7 @@ LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
 RANK = int(os.getenv("RANK", -1))
 WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
+AUTO_CHANNELS_LAST = True  # what --memory-format auto picks where channels-last is possible
 RESULT_KEYS = ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
                "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
                "x/lr0", "x/lr1", "x/lr2")
@@ -136,7 +137,7 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
 
     model, ckpt = build_train_model(opt, hyp, nc, device)
     freeze_layers(model, opt.freeze)
-    channels_last_training(model, device, getattr(opt, "compile", False))
+    channels_last_training(model, device, getattr(opt, "compile", False), getattr(opt, "memory_format", "auto"))
     gs = max(int(model.stride.max()), 32)
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
 
@@ -399,26 +400,49 @@ def clean_interrupted_run(save_dir: Path, start_epoch: int) -> None:
     os.replace(tmp, file)
 
 
-def channels_last_training(model: nn.Module, device: torch.device, compile_model: bool) -> bool:
-    """Train channels-last (NHWC, oneDNN's own layout: CPU steps 1.0-1.26x faster, yolov5s 1.18x, docs/BENCHMARKS.md)
-    where it is as accurate and safe as NCHW; converts the convolution weights in place and returns whether it did.
+MEMORY_FORMATS = ("auto", "channels-last", "nchw")
 
-    Conditions: the CPU without DDP or --compile; every batch norm a ``models.common.BatchNorm2d`` (PyTorch's own
-    NHWC kernel loses precision; timm backbones keep theirs); strided 1x1 convolutions with under 16 input channels
-    stay NCHW, which only those that read the (NCHW) image can (oneDNN's NHWC weight gradient of such a convolution
-    corrupts memory in torch 2.14.1).
+
+def channels_last_blocker(model: nn.Module, device: torch.device, compile_model: bool) -> str:
+    """Why ``model`` cannot train channels-last here ('' when it can).
+
+    Channels-last training is a CPU eager path (no DDP, no --compile) that needs every batch norm to be a
+    ``models.common.BatchNorm2d`` (PyTorch's own NHWC kernel loses precision; timm backbones keep theirs). Strided 1x1
+    convolutions with under 16 input channels must stay NCHW (oneDNN's NHWC weight gradient of such a convolution
+    corrupts memory in torch 2.14.1), which only those that read the (NCHW) image can.
     """
-    if device.type != "cpu" or RANK != -1 or compile_model:
-        return False
+    if device.type != "cpu":
+        return f"it is a CPU training path (device is {device.type})"
+    if RANK != -1:
+        return "it is not supported with DDP"
+    if compile_model:
+        return "--compile trains NCHW"
     if not all(isinstance(m, BatchNorm2d) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-        return False
+        return "the model has batch norms other than models.common.BatchNorm2d (e.g. a timm backbone)"
     first_layer, image_channels = set(model.model[0].modules()), model.yaml["ch"]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    unsafe = [m for m in convs if m.in_channels < 16 and m.kernel_size == (1, 1) and m.stride != (1, 1)]
-    if any(m not in first_layer or m.in_channels != image_channels for m in unsafe):
+    for m in model.modules():
+        if (isinstance(m, nn.Conv2d) and m.in_channels < 16 and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                and (m not in first_layer or m.in_channels != image_channels)):
+            return "the model has a strided 1x1 convolution of under 16 input channels past its input layer"
+    return ""
+
+
+def channels_last_training(model: nn.Module, device: torch.device, compile_model: bool,
+                           memory_format: str = "auto") -> bool:
+    """Apply --memory-format: convert the convolution weights to channels-last (NHWC) in place where chosen and
+    possible; returns whether it did. 'auto' is the CPU default (see the README's speed section), 'nchw' never
+    converts, 'channels-last' converts or stops with the reason it cannot."""
+    if memory_format not in MEMORY_FORMATS:
+        raise UserInputError(f"--memory-format {memory_format}: expected one of {', '.join(MEMORY_FORMATS)}")
+    if memory_format == "nchw" or (memory_format == "auto" and not AUTO_CHANNELS_LAST):
         return False
-    for m in convs:
-        if m not in unsafe:
+    reason = channels_last_blocker(model, device, compile_model)
+    if reason:
+        if memory_format == "channels-last":
+            raise UserInputError(f"--memory-format channels-last: not possible for this run: {reason}")
+        return False
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and not (m.in_channels < 16 and m.kernel_size == (1, 1) and m.stride != (1, 1)):
             m.to(memory_format=torch.channels_last)
     LOGGER.info(f"{colorstr('memory format: ')}channels-last training (NHWC)")
     return True
@@ -514,6 +538,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training forward, in NCHW (a one-off compile of minutes on a CPU; "
                              "on the CPU measured no faster than eager channels-last training, see docs/BENCHMARKS.md)")
+    parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
+                        help="memory layout of CPU training: 'channels-last' (NHWC), 'nchw', or 'auto' (the default "
+                             "layout the README's speed section gives, with its reason)")
     parser.add_argument("--custom-l2", action="store_true",
                         help="RepVGG custom L2 on equivalent kernels instead of weight decay on RepVGG blocks")
     return parser.parse_args(argv)
