@@ -57,7 +57,8 @@ if str(ROOT) not in sys.path:
 from export import export_one, prepare_for_export  # noqa: E402
 from models.yolo import MODELS_DIR, DetectionModel, find_model_yaml  # noqa: E402
 from train import channels_last_training  # noqa: E402
-from utils.checkpoint import build_model, load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
+from models.loading import build_model  # noqa: E402
+from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
 from utils.dataloaders import LoadImages, create_dataloader  # noqa: E402
 from utils.datasets_check import check_dataset  # noqa: E402
 from utils.general import LOGGER, UserInputError, machine_summary, set_logging, yaml_load  # noqa: E402
@@ -549,7 +550,7 @@ def time_detect(weights: Path, source: str, img: int) -> dict:
     included); reading + letterboxing is timed separately ('load'). Also counts the boxes NMS had to consider:
     those whose objectness passes val's and detect's confidence thresholds.
     """
-    from utils.backend import InferenceBackend
+    from models.backend import InferenceBackend
 
     model = InferenceBackend(weights, "cpu")
     images = iter(LoadImages(source, img_size=img, stride=model.stride, auto=True))

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.backend import InferenceBackend, Stopwatch, class_counts  # noqa: E402
+from models.backend import InferenceBackend, Stopwatch, class_counts  # noqa: E402
 from utils.boxes import clip_boxes, scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
 from utils.dataloaders import LoadImages, LoadStreams, is_stream_source  # noqa: E402
 from utils.general import (  # noqa: E402

@@ -38,10 +38,11 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 from models.yolo import Detect  # noqa: E402
-from utils.backend import (  # noqa: E402
+from models.backend import (  # noqa: E402
     ONNX_METADATA_KEY, TORCHSCRIPT_METADATA_FILE, InferenceBackend, names_from_data,
 )
-from utils.checkpoint import CheckpointError, load_model  # noqa: E402
+from models.loading import load_model  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.general import LOGGER, UserInputError, check_img_size, colorstr, run_cli  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 

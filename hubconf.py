@@ -44,19 +44,16 @@ def _local_weights(name: str) -> _Path:
 
 def _pretrained(path: _Path, channels: int, classes: int | None):
     """The checkpoint's model; for other ``classes``/``channels``, a new model with every tensor whose shape fits."""
+    from models.loading import build_model, transfer_weights
     from models.yolo import DetectionModel
-    from utils.checkpoint import build_model, load_checkpoint
-    from utils.general import LOGGER
+    from utils.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
     model = build_model(ckpt)
     if classes in (None, ckpt["nc"]) and channels == model.yaml.get("ch", 3):
         return model
     fresh = DetectionModel(ckpt["yaml"], ch=channels, nc=classes or ckpt["nc"], verbose=False)
-    target = fresh.state_dict()
-    fits = {k: v for k, v in model.state_dict().items() if k in target and target[k].shape == v.shape}
-    fresh.load_state_dict(fits, strict=False)
-    LOGGER.info(f"Transferred {len(fits)}/{len(target)} items from {path}")
+    transfer_weights(fresh, model.state_dict(), path)
     return fresh
 
 
@@ -64,7 +61,7 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
             autoshape: bool = True, verbose: bool = True, device=None):
     """Model ``name`` (a models/*.yaml stem): local weights or random init; AutoShape-wrapped and folded."""
     from models.yolo import DetectionModel
-    from utils.backend import AutoShape
+    from models.backend import AutoShape
     from utils.general import LOGGER, set_logging
 
     set_logging(verbose)
@@ -82,8 +79,9 @@ def custom(path: str = "path/to/model.pt", autoshape: bool = True, _verbose: boo
 
     ``autoshape=False`` returns the bare model: a trainable DetectionModel for .pt files, else the inference backend.
     """
-    from utils.backend import AutoShape, InferenceBackend
-    from utils.checkpoint import build_model, load_checkpoint
+    from models.backend import AutoShape, InferenceBackend
+    from models.loading import build_model
+    from utils.checkpoint import load_checkpoint
     from utils.general import set_logging
 
     set_logging(_verbose)

@@ -35,8 +35,9 @@ import val as validate  # noqa: E402
 from models.common import BatchNorm2d  # noqa: E402
 from models.yolo import DetectionModel, find_model_yaml  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
+from models.loading import build_model, transfer_weights  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
-    build_model, load_checkpoint, make_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state,
+    load_checkpoint, make_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state,
     strip_optimizer,
 )
 from utils.dataloaders import create_dataloader, epoch_seeds  # noqa: E402
@@ -73,15 +74,6 @@ def write_results_csv(file: Path, epoch: int, values: list[float]) -> None:
         f.write(header + ("%20.5g," * (len(values) + 1) % (epoch, *values)).rstrip(",") + "\n")
 
 
-def transfer_weights(model: nn.Module, state: dict, exclude: tuple = ()) -> int:
-    """Load the entries of ``state`` whose names and shapes match ``model``; returns how many were loaded."""
-    own = model.state_dict()
-    matched = {k: v for k, v in state.items()
-               if k in own and v.shape == own[k].shape and not any(x in k for x in exclude)}
-    model.load_state_dict(matched, strict=False)
-    return len(matched)
-
-
 def build_train_model(opt, hyp: dict, nc: int, device: torch.device) -> tuple[nn.Module, dict | None]:
     """The model to train: from --cfg, or from --weights (fine-tuning / resuming). Returns (model, checkpoint)."""
     if not str(opt.weights).endswith(".pt"):
@@ -93,9 +85,7 @@ def build_train_model(opt, hyp: dict, nc: int, device: torch.device) -> tuple[nn
         return build_model(ckpt, use_ema=False).to(device), ckpt
     model = DetectionModel(opt.cfg or ckpt["yaml"], ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
     exclude = ("anchor",) if (opt.cfg or hyp.get("anchors")) else ()
-    state = ckpt.get("ema") or ckpt["model"]
-    n = transfer_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, exclude)
-    LOGGER.info(f"Transferred {n}/{len(model.state_dict())} items from {opt.weights}")
+    transfer_weights(model, ckpt.get("ema") or ckpt["model"], opt.weights, exclude)
     return model, ckpt
 
 

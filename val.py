@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from utils.backend import InferenceBackend, Stopwatch  # noqa: E402
+from models.backend import InferenceBackend, Stopwatch  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.datasets_check import check_dataset  # noqa: E402

@@ -7,9 +7,10 @@ import os
 import pytest
 import torch
 
+from models.loading import build_model
 from models.yolo import DetectionModel
 from utils.checkpoint import (
-    CheckpointError, build_model, load_checkpoint, make_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    CheckpointError, load_checkpoint, make_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
 from tests.helpers import SHARED
 

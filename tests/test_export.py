@@ -28,7 +28,7 @@ from export import (
 from models.modules import revcol
 from models.yolo import DetectionModel
 from tests.helpers import ROOT, randomize_bn, rel_error
-from utils.backend import InferenceBackend
+from models.backend import InferenceBackend
 from utils.checkpoint import make_checkpoint, save_checkpoint
 from utils.general import LOGGER, UserInputError, yaml_load
 

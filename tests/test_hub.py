@@ -15,9 +15,10 @@ from PIL import Image
 from export import export_metadata, export_onnx, prepare_for_export
 from tests.helpers import ROOT
 from tests.test_detect import trained_checkpoint
-from utils.backend import AutoShape, Detections
+from models.backend import AutoShape, Detections
 from utils.boxes import xyxy2xywh
-from utils.checkpoint import build_model, load_checkpoint
+from models.loading import build_model
+from utils.checkpoint import load_checkpoint
 from utils.general import LOGGER, UserInputError
 
 IMAGES = [str(p) for p in sorted((ROOT / "data/images").glob("*.jpg"))]

@@ -208,7 +208,7 @@ def test_cli_prints_summary():
 
 def test_channels_last_backend_gives_the_folded_models_outputs(tmp_path):
     """InferenceBackend runs .pt models channels-last on the CPU: same predictions as the plain folded model."""
-    from utils.backend import InferenceBackend
+    from models.backend import InferenceBackend
     from utils.checkpoint import make_checkpoint, save_checkpoint
 
     torch.manual_seed(0)

@@ -123,7 +123,7 @@ def test_fine_tune_from_upstream_checkpoint(tiny_data, tmp_path):
                      str(tiny_data), "--img", "64", "--epochs", "1", "--batch-size", "4", "--workers", "0",
                      "--project", str(tmp_path), "--name", "ft", "--noplots")
     # every tensor but the 3 class-dependent head convs (weights + biases) transfers to the 5-class model
-    found = re.search(r"Transferred (\d+)/(\d+) items", out)
+    found = re.search(r"weights: (\d+) of the model.s (\d+) tensors taken from", out)
     assert found and int(found[1]) == int(found[2]) - 6
     assert torch.load(tmp_path / "ft" / "weights" / "last.pt", weights_only=True)["nc"] == 5
 

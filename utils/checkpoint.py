@@ -1,4 +1,5 @@
-"""Checkpoints: one safe format (loadable with ``torch.load(weights_only=True)``), atomic writes, one model loader.
+"""Checkpoints: one safe format (loadable with ``torch.load(weights_only=True)``), atomic writes, safe loading
+(models/loading.py builds models from them).
 
 A checkpoint is a dict of plain data:
     format      'yolov5-rep/1'
@@ -24,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from utils.general import LOGGER, UserInputError, first_line
+from utils.upstream import UpstreamCheckpointError, convert_upstream_checkpoint
 
 FORMAT = "yolov5-rep/1"
 
@@ -63,9 +65,10 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        from utils.upstream import convert_upstream_checkpoint
-
-        return convert_upstream_checkpoint(path)
+        try:
+            return {"format": FORMAT, **convert_upstream_checkpoint(path)}
+        except UpstreamCheckpointError as e:
+            raise CheckpointError(str(e)) from None
     except Exception as e:  # a damaged or foreign file can make the unpickler raise almost anything
         reason = first_line(e)
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
@@ -125,25 +128,6 @@ def make_checkpoint(model: nn.Module, **extra) -> dict:
         "date": datetime.now().isoformat(),
         **extra,
     }
-
-
-def build_model(ckpt: dict, use_ema: bool = True) -> nn.Module:
-    """A DetectionModel with the checkpoint's definition and weights (the EMA weights when present)."""
-    from models.yolo import DetectionModel
-
-    model = DetectionModel(ckpt["yaml"], verbose=False)
-    state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
-    model.names = {int(k): v for k, v in ckpt["names"].items()}
-    return model
-
-
-def load_model(weights: str | Path, device: torch.device | str = "cpu", fuse: bool = True) -> nn.Module:
-    """Load weights for inference: eval mode, float32, folded (``fuse``) and on ``device``."""
-    model = build_model(load_checkpoint(weights)).to(device).eval()
-    if fuse:
-        model.fuse()
-    return model
 
 
 def strip_optimizer(path: str | Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from utils.general import LOGGER
+from utils.general import LOGGER, UserInputError
 
 YOLOV5_CLASSES = {
     "models.yolo": ("DetectionModel", "Model", "Detect", "BaseModel"),
@@ -32,6 +32,10 @@ YOLOV5_CLASSES = {
     "torch.nn.modules.upsampling": ("Upsample",),
     "torch.nn.modules.linear": ("Linear", "Identity", "NonDynamicallyQuantizableLinear"),
 }
+
+
+class UpstreamCheckpointError(UserInputError):
+    """An upstream-style .pt that cannot be read safely; the message names the file."""
 
 
 class CapturedObject:
@@ -78,9 +82,8 @@ def state_dict_of(obj: CapturedObject, prefix: str = "") -> dict:
 
 
 def convert_upstream_checkpoint(path: str | Path) -> dict:
-    """Read an upstream YOLOv5 .pt safely and return it in our checkpoint format (no training state)."""
-    from utils.checkpoint import FORMAT, CheckpointError
-
+    """Read an upstream YOLOv5 .pt safely; returns the fields of our checkpoint format but ``format`` (no training
+    state), which utils.checkpoint adds."""
     path = Path(path)
     try:
         with torch.serialization.safe_globals(allowed_globals()):
@@ -88,18 +91,17 @@ def convert_upstream_checkpoint(path: str | Path) -> dict:
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"'{found[1]}'" if found else "an object outside the allow-list"
-        raise CheckpointError(f"{path}: refused to load: the file references {what}, which is not a tensor, "
+        raise UpstreamCheckpointError(f"{path}: refused to load: the file references {what}, which is not a tensor, "
                               "container or known YOLOv5 class (it could run code)") from None
     model = raw.get("ema") or raw.get("model") if isinstance(raw, dict) else None
     if not isinstance(model, CapturedObject) or "yaml" not in model.state:
-        raise CheckpointError(f"{path}: not a YOLOv5 checkpoint (no model object with a 'yaml' definition)")
+        raise UpstreamCheckpointError(f"{path}: not a YOLOv5 checkpoint (no model object with a 'yaml' definition)")
     names = model.state.get("names", {})
     names = dict(enumerate(names)) if isinstance(names, (list, tuple)) else {int(k): v for k, v in names.items()}
     state = {k: v.float() if v.is_floating_point() else v for k, v in state_dict_of(model).items()}
     stride = model.state.get("stride")
     LOGGER.info(f"Converted upstream YOLOv5 checkpoint {path} ({len(state)} tensors, {len(names)} classes)")
     return {
-        "format": FORMAT,
         "yaml": model.state["yaml"],
         "model": state,
         "ema": None,

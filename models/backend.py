@@ -26,7 +26,8 @@ from PIL import Image, ImageOps
 
 from utils.augmentations import letterbox
 from utils.boxes import scale_boxes, xyxy2xywh
-from utils.checkpoint import CheckpointError, load_model
+from models.loading import load_model
+from utils.checkpoint import CheckpointError
 from utils.general import LOGGER, ROOT, UserInputError, increment_path, is_url, make_divisible, yaml_load
 from utils.nms import non_max_suppression
 from utils.plots import Annotator, colors
