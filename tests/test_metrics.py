@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils.boxes import box_iou
 from utils.metrics import ConfusionMatrix, ap_per_class, compute_ap, fitness, process_batch, smooth
 
 IOUV = torch.linspace(0.5, 0.95, 10)
@@ -118,3 +119,58 @@ def test_confusion_matrix_prefers_best_iou_and_counts_unmatched():
 def test_fitness_weights():
     x = np.array([[0.5, 0.6, 0.7, 0.4], [1.0, 1.0, 0.0, 0.0]])
     np.testing.assert_allclose(fitness(x), [0.07 + 0.36, 0.0])
+
+
+def reference_matches(iou, allowed, best_label_per_detection):
+    """The matching rule written as plain loops: each detection takes its allowed label of highest IoU (the
+    last on ties); each label then keeps its first detection (val) or its highest-IoU one, the last on ties (CM)."""
+    choice = {}
+    for d in range(iou.shape[1]):
+        options = [(iou[l, d], l) for l in range(iou.shape[0]) if allowed[l, d]]
+        if options:
+            choice[d] = max(options)[1]  # max over (iou, label): the last label on ties
+    kept = {}
+    for d, label in choice.items():
+        if label not in kept or (best_label_per_detection and iou[label, d] >= iou[label, kept[label]]):
+            kept[label] = d
+    return sorted((label, d) for label, d in kept.items())
+
+
+def random_image(g, n, m, nc):
+    xy = torch.randint(0, 40, (n + m, 2), generator=g).float()
+    boxes = torch.cat((xy, xy + torch.randint(2, 20, (n + m, 2), generator=g)), 1)
+    boxes[n:][torch.rand(m, generator=g) < 0.3] = boxes[n].clone()  # duplicated labels: exact IoU ties
+    near = torch.randint(n, n + m, (n,), generator=g)  # most detections: a label box moved by 0-2 px
+    jitter = torch.randint(-2, 3, (n, 4), generator=g).float()
+    boxes[:n] = torch.where(torch.rand(n, 1, generator=g) < 0.7, boxes[near] + jitter, boxes[:n])
+    det_cls, label_cls = torch.randint(0, nc, (n, 1), generator=g), torch.randint(0, nc, (m, 1), generator=g)
+    conf = torch.rand(n, 1, generator=g).sort(0, descending=True)[0]
+    return torch.cat((boxes[:n], conf, det_cls), 1), torch.cat((label_cls, boxes[n:]), 1)
+
+
+def test_process_batch_and_confusion_matrix_follow_the_rule_on_random_images():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        n, m, nc = (int(v) for v in torch.randint(1, 12, (3,), generator=g))
+        nc = nc % 3 + 1
+        detections, labels = random_image(g, n, m, nc)
+        iou = box_iou(labels[:, 1:], detections[:, :4]).numpy()
+        same = (labels[:, :1] == detections[:, 5]).numpy()
+        correct = process_batch(detections, labels, IOUV)
+        for t, threshold in enumerate(IOUV.tolist()):
+            expected = np.zeros(n, dtype=bool)
+            for _, d in reference_matches(iou, (iou >= np.float32(threshold)) & same, False):
+                expected[d] = True
+            np.testing.assert_array_equal(correct[:, t].numpy(), expected)
+        cm = ConfusionMatrix(nc=nc, conf=0.0)
+        cm.process_batch(detections, labels)
+        pairs = reference_matches(iou, iou > 0.45, True)
+        assert np.trace(cm.matrix[:nc, :nc]) == sum(labels[l, 0] == detections[d, 5] for l, d in pairs)
+        assert cm.matrix[nc].sum() == m - len(pairs) and cm.matrix[:, nc].sum() == n - len(pairs)
+
+
+def test_ap_per_class_without_labels_or_predictions():
+    out = ap_per_class(np.zeros((3, 10), bool), np.array([0.9, 0.5, 0.2]), np.array([0.0, 1, 0]), np.zeros(0))
+    assert all(len(a) == 0 for a in out)
+    tp, fp, p, r, f1, ap, classes = ap_per_class(np.zeros((0, 10), bool), np.zeros(0), np.zeros(0), np.array([1.0, 2]))
+    assert classes.tolist() == [1, 2] and not ap.any() and not p.any() and not r.any()

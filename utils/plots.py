@@ -38,24 +38,34 @@ def _is_ascii(text) -> bool:
     return all(ord(ch) < 128 for ch in str(text))
 
 
+def _label_tab(corner, text_size, gap: int) -> tuple:
+    """Rectangle (x1, y1, x2, y2) of the filled tab that carries a box's label.
+
+    The tab is as wide as the text and ``gap`` pixels taller, and hangs from the box's top-left
+    ``corner``: above the box while it fits inside the image, otherwise just inside the box.
+    """
+    (x, y), (width, height) = corner, text_size
+    height += gap
+    top = y - height if y >= height else y
+    return x, top, x + width, top + height
+
+
 class Annotator:
     """Draws boxes and labels on an image (HWC uint8), with OpenCV (in place) or PIL."""
 
     def __init__(self, im, line_width: int | None = None, font_size: int | None = None, pil: bool = False,
                  example: str = "abc"):
         self.pil = pil or not _is_ascii(example)  # OpenCV cannot render non-ASCII text
+        if not self.pil and not im.flags["C_CONTIGUOUS"]:
+            raise ValueError("OpenCV drawing writes into the array in place, so it must be C-contiguous "
+                             "(pass np.ascontiguousarray(im))")
+        self.im = Image.fromarray(im) if self.pil and not isinstance(im, Image.Image) else im
+        height, width = (self.im.height, self.im.width) if self.pil else im.shape[:2]
+        mean_side = (height + width) / 2
+        self.lw = line_width or max(round(0.003 * mean_side), 2)
         if self.pil:
-            self.im = im if isinstance(im, Image.Image) else Image.fromarray(im)
             self.draw = ImageDraw.Draw(self.im)
-            size = font_size or max(round(sum(self.im.size) / 2 * 0.035), 12)
-            self.font = ImageFont.load_default(size=max(size, 1))
-            width, height = self.im.size
-        else:
-            if not im.flags["C_CONTIGUOUS"]:
-                raise ValueError("Annotator needs a contiguous image; use np.ascontiguousarray(im)")
-            self.im = im
-            height, width = im.shape[:2]
-        self.lw = line_width or max(round((height + width) / 2 * 0.003), 2)
+            self.font = ImageFont.load_default(size=max(font_size or max(round(0.035 * mean_side), 12), 1))
 
     def box_label(self, box, label: str = "", color=(128, 128, 128), txt_color=(255, 255, 255)) -> None:
         """Draw an xyxy ``box`` with ``label`` on a filled tab above it (inside when it would leave the image)."""
@@ -65,28 +75,26 @@ class Annotator:
             self._box_label_cv2(box, label, color, txt_color)
 
     def _box_label_pil(self, box, label, color, txt_color) -> None:
-        box = [float(v) for v in box]
-        self.draw.rectangle(box, width=self.lw, outline=tuple(color))
-        if label:
-            left, top, right, bottom = self.font.getbbox(label)
-            w, h = right - left, bottom - top
-            outside = box[1] - h >= 0
-            y0 = box[1] - h if outside else box[1]
-            self.draw.rectangle((box[0], y0, box[0] + w + 1, y0 + h + 1), fill=tuple(color))
-            self.draw.text((box[0], y0 - top), label, fill=tuple(txt_color), font=self.font)
+        corners = [float(v) for v in box[:4]]
+        self.draw.rectangle(corners, width=self.lw, outline=tuple(color))
+        if not label:
+            return
+        ink_left, ink_top, ink_right, ink_bottom = self.font.getbbox(label)
+        tab = _label_tab(corners[:2], (ink_right - ink_left + 1, ink_bottom - ink_top), gap=1)
+        self.draw.rectangle(tab, fill=tuple(color))
+        self.draw.text((tab[0], tab[1] - ink_top), label, fill=tuple(txt_color), font=self.font)
 
     def _box_label_cv2(self, box, label, color, txt_color) -> None:
-        p1, p2 = (int(box[0]), int(box[1])), (int(box[2]), int(box[3]))
-        cv2.rectangle(self.im, p1, p2, color, thickness=self.lw, lineType=cv2.LINE_AA)
-        if label:
-            thickness = max(self.lw - 1, 1)
-            scale = self.lw / 3
-            w, h = cv2.getTextSize(label, 0, fontScale=scale, thickness=thickness)[0]
-            outside = p1[1] - h >= 3
-            tab_corner = (p1[0] + w, p1[1] - h - 3 if outside else p1[1] + h + 3)
-            cv2.rectangle(self.im, p1, tab_corner, color, -1, cv2.LINE_AA)
-            origin = (p1[0], p1[1] - 2 if outside else p1[1] + h + 2)
-            cv2.putText(self.im, label, origin, 0, scale, txt_color, thickness=thickness, lineType=cv2.LINE_AA)
+        x1, y1, x2, y2 = (int(v) for v in box[:4])
+        cv2.rectangle(self.im, (x1, y1), (x2, y2), color, thickness=self.lw, lineType=cv2.LINE_AA)
+        if not label:
+            return
+        font_scale, stroke = self.lw / 3, max(self.lw - 1, 1)
+        text_size = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, fontScale=font_scale, thickness=stroke)[0]
+        left, top, right, bottom = _label_tab((x1, y1), text_size, gap=3)
+        cv2.rectangle(self.im, (left, top), (right, bottom), color, cv2.FILLED, cv2.LINE_AA)
+        cv2.putText(self.im, label, (left, bottom - 2), cv2.FONT_HERSHEY_SIMPLEX, font_scale, txt_color,
+                    thickness=stroke, lineType=cv2.LINE_AA)
 
     def rectangle(self, xy, fill=None, outline=None, width: int = 1) -> None:
         """Plain rectangle [x1, y1, x2, y2]."""
@@ -101,11 +109,13 @@ class Annotator:
 
     def text(self, xy, text: str, txt_color=(255, 255, 255)) -> None:
         """Text with its top-left corner at ``xy``."""
+        x, y = (int(v) for v in xy[:2])
         if self.pil:
-            self.draw.text(xy, text, fill=tuple(txt_color), font=self.font)
+            self.draw.text((x, y), text, fill=tuple(txt_color), font=self.font)
             return
-        h = cv2.getTextSize(text, 0, fontScale=self.lw / 3, thickness=1)[0][1]
-        cv2.putText(self.im, text, (int(xy[0]), int(xy[1]) + h), 0, self.lw / 3, txt_color, 1, cv2.LINE_AA)
+        font_scale = self.lw / 3
+        (_, text_h), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, 1)
+        cv2.putText(self.im, text, (x, y + text_h), cv2.FONT_HERSHEY_SIMPLEX, font_scale, txt_color, 1, cv2.LINE_AA)
 
     def result(self) -> np.ndarray:
         """The annotated image as a numpy array."""
@@ -114,21 +124,56 @@ class Annotator:
 
 def output_to_target(output: list[torch.Tensor], max_det: int = 300) -> np.ndarray:
     """NMS output (per image (n, 6) [xyxy, conf, cls]) -> plot_images targets (k, 7) [image, cls, xywh, conf]."""
-    rows = []
-    for i, det in enumerate(output):
-        box, conf, cls = det[:max_det, :6].detach().cpu().float().split((4, 1, 1), 1)
-        rows.append(torch.cat((torch.full_like(conf, i), cls, xyxy2xywh(box), conf), 1))
-    return torch.cat(rows, 0).numpy() if rows else np.zeros((0, 7), dtype=np.float32)
+    kept = [det[:max_det, :6].detach().float().cpu() for det in output]
+    if not kept:
+        return np.zeros((0, 7), dtype=np.float32)
+    dets = torch.cat(kept)
+    image = torch.repeat_interleave(torch.arange(len(kept)), torch.tensor([len(d) for d in kept]))
+    columns = (image[:, None].float(), dets[:, 5:6], xyxy2xywh(dets[:, :4]), dets[:, 4:5])
+    return torch.cat(columns, 1).numpy()
 
 
 def _mosaic(images: np.ndarray, grid: int) -> np.ndarray:
-    """Tile CHW images (0-255) column by column into a white grid x grid uint8 mosaic."""
-    _, _, h, w = images.shape
-    mosaic = np.full((grid * h, grid * w, 3), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        x, y = w * (i // grid), h * (i % grid)
-        mosaic[y : y + h, x : x + w] = im.transpose(1, 2, 0)
-    return mosaic
+    """Tile CHW images (0-255) into a white (grid * h, grid * w) uint8 mosaic, filling columns first."""
+    n, channels, h, w = images.shape
+    canvas = np.full((grid * grid, channels, h, w), 255, dtype=np.uint8)
+    canvas[:n] = images
+    # image k sits in column k // grid and row k % grid
+    return canvas.reshape(grid, grid, channels, h, w).transpose(1, 3, 0, 4, 2).reshape(grid * h, grid * w, channels)
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.detach().cpu().float().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _mosaic_boxes(targets: np.ndarray, origins: np.ndarray, tile: tuple[int, int], scale: float) -> np.ndarray:
+    """Mosaic-pixel xyxy boxes of target rows [image, cls, x, y, w, h(, conf)]; ``origins`` (n, 2) per tile.
+
+    Coordinates count as normalised when none exceeds 1.01 (labels); otherwise they are pixels of the
+    un-resized image (predictions) and follow the mosaic's down-scaling.
+    """
+    tile_h, tile_w = tile
+    boxes = xywh2xyxy(targets[:, 2:6].astype(np.float64))
+    if boxes.max(initial=0.0) <= 1.01:
+        boxes *= (tile_w, tile_h, tile_w, tile_h)
+    elif scale < 1:
+        boxes *= scale
+    return boxes + np.tile(origins[targets[:, 0].astype(int)], 2)
+
+
+def _tile_origins(n: int, grid: int, tile: tuple[int, int]) -> np.ndarray:
+    """Top-left (x, y) of the first ``n`` tiles of a mosaic filled column by column."""
+    k = np.arange(n)
+    return np.stack((k // grid * tile[1], k % grid * tile[0]), 1)
+
+
+def _shrink_to_fit(mosaic: np.ndarray, grid: int, tile: tuple[int, int], max_size: int):
+    """Resize the mosaic so that no tile side exceeds max_size / grid; returns (mosaic, tile, scale)."""
+    scale = max_size / grid / max(tile)
+    if scale >= 1:
+        return mosaic, tile, scale
+    tile = tuple(math.ceil(scale * side) for side in tile)
+    return cv2.resize(mosaic, (tile[1] * grid, tile[0] * grid)), tile, scale
 
 
 def plot_images(images, targets, paths=None, fname: str | Path = "images.jpg", names=None,
@@ -136,53 +181,40 @@ def plot_images(images, targets, paths=None, fname: str | Path = "images.jpg", n
     """Save a mosaic of a batch with its boxes: ``targets`` (n, 6) labels or (n, 7) predictions.
 
     Target rows are [image index, cls, x, y, w, h(, conf)], xywh normalised or in pixels; predictions
-    are drawn when conf > 0.25.
+    are drawn when conf > 0.25. Images fill the grid column by column; the mosaic's longer side is
+    at most ``max_size``.
     """
-    if isinstance(images, torch.Tensor):
-        images = images.detach().cpu().float().numpy()
-    if isinstance(targets, torch.Tensor):
-        targets = targets.detach().cpu().numpy()
-    images = images[:max_subplots].astype(np.float32)
+    images = _as_numpy(images)[:max_subplots].astype(np.float32)
     if images.max(initial=0) <= 1:
         images = images * 255
-    bs, _, h, w = images.shape
-    grid = math.ceil(bs**0.5)
-    mosaic = _mosaic(images, grid)
-    scale = max_size / grid / max(h, w)
-    if scale < 1:
-        h, w = math.ceil(scale * h), math.ceil(scale * w)
-        mosaic = cv2.resize(mosaic, (w * grid, h * grid))
-    font_size = int((h + w) * grid * 0.01)
-    annotator = Annotator(mosaic, line_width=round(font_size / 10), font_size=font_size, pil=True, example=str(names))
-    for i in range(bs):
-        x, y = w * (i // grid), h * (i % grid)
-        annotator.rectangle([x, y, x + w, y + h], None, (255, 255, 255), width=2)
-        if paths:
-            annotator.text((x + 5, y + 5), Path(paths[i]).name[:40], txt_color=(220, 220, 220))
-        if len(targets):
-            _draw_targets(annotator, targets[targets[:, 0] == i], (x, y), (w, h), scale, names)
+    n, grid = len(images), math.ceil(len(images) ** 0.5)
+    mosaic, tile, scale = _shrink_to_fit(_mosaic(images, grid), grid, images.shape[2:], max_size)
+    text_px = int(0.01 * grid * sum(tile))
+    canvas = Annotator(mosaic, line_width=round(text_px / 10), font_size=text_px, pil=True, example=str(names))
+    origins = _tile_origins(n, grid, tile)
+    for (x, y), path in zip(origins.tolist(), paths or [None] * n):
+        canvas.rectangle([x, y, x + tile[1], y + tile[0]], outline=(255, 255, 255), width=2)
+        if path is not None:
+            canvas.text((x + 5, y + 5), Path(path).name[:40], txt_color=(220, 220, 220))  # file name, 40 chars max
+    targets = _as_numpy(targets)
+    if len(targets):
+        targets = targets[targets[:, 0] < n]
+        _draw_targets(canvas, targets, _mosaic_boxes(targets, origins, tile, scale), names)
     Path(fname).parent.mkdir(parents=True, exist_ok=True)
-    annotator.im.save(fname)
+    canvas.im.save(fname)
 
 
-def _draw_targets(annotator: Annotator, rows: np.ndarray, origin, size, scale: float, names) -> None:
-    """Boxes of one mosaic tile: rows [image, cls, xywh(, conf)], tile at ``origin`` of ``size`` (w, h)."""
-    boxes = xywh2xyxy(rows[:, 2:6].astype(np.float64))
-    is_labels = rows.shape[1] == 6
-    if len(boxes):
-        if boxes.max() <= 1.01:  # normalised
-            boxes[:, [0, 2]] *= size[0]
-            boxes[:, [1, 3]] *= size[1]
-        elif scale < 1:  # pixels of the un-resized tile
-            boxes *= scale
-    boxes[:, [0, 2]] += origin[0]
-    boxes[:, [1, 3]] += origin[1]
-    for row, box in zip(rows, boxes):
-        cls = int(row[1])
-        name = names[cls] if names else cls
-        if is_labels or row[6] > 0.25:
-            label = f"{name}" if is_labels else f"{name} {row[6]:.1f}"
-            annotator.box_label(box, label, color=colors(cls))
+def _draw_targets(annotator: Annotator, targets: np.ndarray, boxes: np.ndarray, names) -> None:
+    """Draw label rows (6 columns) as they are and prediction rows (7, last = conf) above 0.25, with the score."""
+    predicted = targets.shape[1] > 6
+    for target, box in zip(targets, boxes):
+        cls = int(target[1])
+        text = str(names[cls] if names else cls)
+        if predicted:
+            if target[6] <= 0.25:
+                continue
+            text = f"{text} {target[6]:.1f}"
+        annotator.box_label(box, text, color=colors(cls))
 
 
 def plot_results(file: str | Path = "path/to/results.csv", dir: str | Path = "") -> None:  # noqa: A002
@@ -224,32 +256,36 @@ def _label_boxes_image(labels: np.ndarray, size: int = 2000, n: int = 1000) -> n
     return np.asarray(img)
 
 
-def plot_labels(labels: np.ndarray, names=(), save_dir: str | Path = Path("")) -> None:
-    """Label statistics, ``labels`` (n, 5) [cls, xywh normalised]: labels.jpg and labels_correlogram.jpg."""
-    save_dir = Path(save_dir)
-    LOGGER.info(f"Plotting labels to {save_dir / 'labels.jpg'}... ")
-    labels = np.asarray(labels, dtype=np.float64)
-    classes, nc = labels[:, 0], int(labels[:, 0].max(initial=0) + 1)
-    names = list(names.values()) if isinstance(names, dict) else list(names)
-    fig = Figure(figsize=(8, 8), tight_layout=True)
-    ax = fig.subplots(2, 2).ravel()
-    bars = ax[0].hist(classes, bins=np.linspace(0, nc, nc + 1) - 0.5, rwidth=0.8)[2]
-    for i, bar in enumerate(bars):
-        bar.set_color([v / 255 for v in colors(i)])
-    ax[0].set_ylabel("instances")
+def _class_counts(ax, classes: np.ndarray, names: list) -> None:
+    """Bar chart of instances per class, each bar in its class colour; named ticks for 1-29 names."""
+    counts = np.bincount(classes.astype(int), minlength=len(names))
+    ax.bar(np.arange(len(counts)), counts, width=0.8, color=[tuple(v / 255 for v in colors(c)) for c in range(len(counts))])
+    ax.set_ylabel("instances")
     if 0 < len(names) < 30:
-        ax[0].set_xticks(range(len(names)))
-        ax[0].set_xticklabels(names, rotation=90, fontsize=10)
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=10)
     else:
-        ax[0].set_xlabel("classes")
-    ax[1].imshow(_label_boxes_image(labels))
-    ax[1].axis("off")
-    for a, (i, j, xlabel, ylabel) in zip(ax[2:], ((1, 2, "x", "y"), (3, 4, "width", "height"))):
-        a.hist2d(labels[:, i], labels[:, j], bins=50, cmap="Blues", cmin=1)
-        a.set_xlabel(xlabel)
-        a.set_ylabel(ylabel)
-    for a in ax:
-        _hide_spines(a)
+        ax.set_xlabel("classes")
+
+
+def plot_labels(labels: np.ndarray, names=(), save_dir: str | Path = Path("")) -> None:
+    """Label statistics, ``labels`` (n, 5) [cls, xywh normalised]: labels.jpg and labels_correlogram.jpg.
+
+    labels.jpg: instances per class, the label boxes overlaid at a common centre, and 2-D histograms of
+    centres and of sizes.
+    """
+    save_dir = Path(save_dir)
+    LOGGER.info(f"Writing label statistics to {save_dir / 'labels.jpg'}")
+    labels = np.asarray(labels, dtype=np.float64)
+    fig = Figure(figsize=(8, 8), tight_layout=True)
+    counts_ax, boxes_ax, centres_ax, sizes_ax = fig.subplots(2, 2).ravel()
+    _class_counts(counts_ax, labels[:, 0], list(names.values()) if isinstance(names, dict) else list(names))
+    boxes_ax.imshow(_label_boxes_image(labels))
+    boxes_ax.axis("off")
+    for ax, (x, y), axis_names in ((centres_ax, (1, 2), ("x", "y")), (sizes_ax, (3, 4), ("width", "height"))):
+        ax.hist2d(labels[:, x], labels[:, y], bins=50, cmap="Blues", cmin=1)
+        ax.set(xlabel=axis_names[0], ylabel=axis_names[1])
+    for ax in (counts_ax, boxes_ax, centres_ax, sizes_ax):
+        _hide_spines(ax)
     fig.savefig(save_dir / "labels.jpg", dpi=200)
     _plot_correlogram(labels[:, 1:], save_dir / "labels_correlogram.jpg")
 
@@ -274,69 +310,67 @@ def _plot_correlogram(boxes: np.ndarray, path: Path) -> None:
     fig.savefig(path, dpi=200)
 
 
-def plot_pr_curve(px: np.ndarray, py: list[np.ndarray], ap: np.ndarray, save_path: Path, names: dict) -> None:
-    """Precision-recall curve per class (when fewer than 21 classes) and averaged, with mAP@0.5 in the legend."""
+def _curve_figure(px: np.ndarray, curves: np.ndarray, labels: list[str], summary: np.ndarray | None,
+                  summary_label: str, axis_labels: tuple[str, str], title: str, save_path: Path) -> None:
+    """Thin per-class curves (named when 1-20 classes, plain grey beyond) and a thick blue summary curve."""
     fig = Figure(figsize=(9, 6), tight_layout=True)
     ax = fig.subplots()
-    py = np.stack(py, axis=1) if py else np.zeros((len(px), 0))
-    if 0 < len(names) < 21:
-        for i, y in enumerate(py.T):
-            ax.plot(px, y, linewidth=1, label=f"{names[i]} {ap[i, 0]:.3f}")
-    else:
-        ax.plot(px, py, linewidth=1, color="grey")
-    if py.shape[1]:
-        ax.plot(px, py.mean(1), linewidth=3, color="blue", label=f"all classes {ap[:, 0].mean():.3f} mAP@0.5")
-    _finish_curve(ax, "Recall", "Precision", "Precision-Recall Curve")
+    named = 0 < len(curves) < 21
+    for curve, label in zip(curves, labels):
+        ax.plot(px, curve, linewidth=1, **({"label": label} if named else {"color": "grey"}))
+    if summary is not None:
+        ax.plot(px, summary, linewidth=3, color="blue", label=summary_label)
+    ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1], xlim=(0, 1), ylim=(0, 1), title=title)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
     fig.savefig(save_path, dpi=250)
+
+
+def plot_pr_curve(px: np.ndarray, py: np.ndarray, ap: np.ndarray, save_path: Path, names: dict) -> None:
+    """Precision envelopes ``py`` (k, len(px)) against recall ``px``, one per class, and their mean.
+
+    The legend gives each class's AP@0.5 (``ap[:, 0]``) and their mean, mAP@0.5.
+    """
+    py = np.asarray(py, dtype=np.float64).reshape(-1, len(px))
+    labels = [f"{names.get(i, i)} {ap[i, 0]:.3f}" for i in range(len(py))]
+    summary = py.mean(0) if len(py) else None
+    map50 = ap[:, 0].mean() if len(ap) else 0.0
+    _curve_figure(px, py, labels, summary, f"all classes {map50:.3f} mAP@0.5", ("Recall", "Precision"),
+                  "Precision-Recall Curve", save_path)
 
 
 def plot_mc_curve(px: np.ndarray, py: np.ndarray, mean_curve: np.ndarray, save_path: Path, names: dict,
                   ylabel: str = "Metric", xlabel: str = "Confidence") -> None:
     """Metric-confidence curves (k, len(px)) per class and their smoothed mean ``mean_curve`` with its peak."""
-    fig = Figure(figsize=(9, 6), tight_layout=True)
-    ax = fig.subplots()
-    if 0 < len(names) < 21:
-        for i, y in enumerate(py):
-            ax.plot(px, y, linewidth=1, label=f"{names[i]}")
-    else:
-        ax.plot(px, py.T, linewidth=1, color="grey")
-    best = mean_curve.argmax()
-    label = f"all classes {mean_curve[best]:.2f} at {px[best]:.3f}"
-    ax.plot(px, mean_curve, linewidth=3, color="blue", label=label)
-    _finish_curve(ax, xlabel, ylabel, f"{ylabel}-Confidence Curve")
-    fig.savefig(save_path, dpi=250)
-
-
-def _finish_curve(ax, xlabel: str, ylabel: str, title: str) -> None:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(bbox_to_anchor=(1.04, 1), loc="upper left")
-    ax.set_title(title)
+    peak = int(np.argmax(mean_curve))
+    labels = [f"{names.get(i, i)}" for i in range(len(py))]
+    _curve_figure(px, py, labels, mean_curve, f"all classes {mean_curve[peak]:.2f} at {px[peak]:.3f}",
+                  (xlabel, ylabel), f"{ylabel}-Confidence Curve", save_path)
 
 
 def plot_confusion_matrix(matrix: np.ndarray, save_path: Path, names: list, normalize: bool = True) -> None:
-    """Heat map of a (nc + 1)^2 confusion matrix (rows predicted, columns true), cells < 0.005 left blank."""
-    nc = matrix.shape[0] - 1
-    array = matrix / ((matrix.sum(0).reshape(1, -1) + 1e-9) if normalize else 1)
-    array[array < 0.005] = np.nan
+    """Heat map of a (nc + 1)^2 confusion matrix (rows predicted, columns true), cells < 0.005 left blank.
+
+    With ``normalize`` each column (true class) is divided by its total. Cell values are printed for
+    fewer than 30 classes; class names label the axes when there is one per class (fewer than 99).
+    """
+    size = matrix.shape[0]
+    shown = matrix / (matrix.sum(0, keepdims=True) + 1e-9) if normalize else matrix.astype(np.float64)
+    shown = np.where(shown < 0.005, np.nan, shown)
     fig = Figure(figsize=(12, 9), tight_layout=True)
     ax = fig.subplots()
-    image = ax.imshow(array, cmap="Blues", vmin=0.0, aspect="auto")
-    fig.colorbar(image, ax=ax)
-    if nc < 30:
-        for (r, c), value in np.ndenumerate(array):
-            if not np.isnan(value):
-                ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                        color="white" if value > 0.5 * np.nanmax(array) else "black")
-    if 0 < len(names) < 99 and len(names) == nc:
-        ticks = list(names) + ["background"]
-        ax.set_xticks(range(nc + 1), ticks, rotation=90)
-        ax.set_yticks(range(nc + 1), ticks)
-    ax.set_xlabel("True")
-    ax.set_ylabel("Predicted")
-    ax.set_title("Confusion Matrix")
+    fig.colorbar(ax.imshow(shown, cmap="Blues", vmin=0.0, aspect="auto"), ax=ax)
+    filled = np.argwhere(~np.isnan(shown))
+    if size <= 30 and len(filled):
+        bright = 0.5 * np.nanmax(shown)
+        for r, c in filled:
+            ax.text(c, r, f"{shown[r, c]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if shown[r, c] > bright else "black")
+    if len(names) == size - 1 and 0 < len(names) < 99:
+        ticks = [*names, "background"]
+        ax.set_xticks(range(size), ticks, rotation=90)
+        ax.set_yticks(range(size), ticks)
+    ax.set(xlabel="True", ylabel="Predicted", title="Confusion Matrix")
     fig.savefig(save_path, dpi=250)
 
 
