@@ -6,6 +6,7 @@ import glob
 import json
 import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -166,6 +167,14 @@ def test_label_cache_reused_and_invalidated(odd_dataset: Path, monkeypatch):
     _dataset(odd_dataset)
     assert scans == [1, 1, 1]
     assert json.loads(cache_file.read_text(encoding="utf-8"))["version"] == 1
+
+
+def test_label_paths_follow_the_images_to_labels_rule():
+    sep = os.sep
+    paths = [f"{sep}d{sep}images{sep}train{sep}images{sep}a.b.jpg", f"{sep}d{sep}x.png", f"{sep}images{sep}y.JPG",
+             f"{sep}d{sep}my_images{sep}z.jpg"]
+    assert img2label_paths(paths) == [f"{sep}d{sep}images{sep}train{sep}labels{sep}a.b.txt", f"{sep}d{sep}x.txt",
+                                      f"{sep}labels{sep}y.txt", f"{sep}d{sep}my_images{sep}z.txt"]
 
 
 def test_parse_labels_rejects_each_malformed_kind():
@@ -363,6 +372,32 @@ def test_image_weights_indices_quad_single_cls_min_items(shapes_dataset: Path):
     imgs, targets, paths, shapes = next(iter(loader))
     assert imgs.shape in {(2, 3, 128, 128)} and len(paths) == len(shapes) == 2
     assert (targets[:, 2:] >= 0).all() and (targets[:, 2:] <= 1).all() and set(targets[:, 0].tolist()) <= {0, 1}
+
+
+def test_collate_numbers_targets_and_quad_tiles_them():
+    def item(value: int, boxes: list) -> tuple:
+        targets = torch.tensor([[9.0, 1, *b] for b in boxes]).reshape(-1, 6)
+        return torch.full((3, 4, 4), value, dtype=torch.uint8), targets, f"{value}.jpg", None
+
+    batch = [item(0, [[0.5, 0.5, 0.2, 0.2]]), item(1, []), item(2, [[0.25, 0.75, 0.1, 0.4]]), item(3, [[0, 0, 1, 1]])]
+    imgs, targets, paths, _ = LoadImagesAndLabels.collate_fn(batch)
+    assert imgs.shape == (4, 3, 4, 4) and targets[:, 0].tolist() == [0, 2, 3] and paths == tuple(b[2] for b in batch)
+    assert batch[0][1][0, 0] == 9  # the items themselves are left alone
+    seen = set()
+    for seed in range(20):
+        random.seed(seed)
+        imgs, targets, paths, _ = LoadImagesAndLabels.collate_fn4(batch + batch[:2])  # 2 spare items dropped
+        assert imgs.shape == (1, 3, 8, 8) and paths == ("0.jpg",) and (targets[:, 0] == 0).all()
+        if len(targets) == 1:  # the first image, upscaled
+            seen.add("upscaled")
+            assert (imgs == 0).all() and torch.equal(targets[0, 2:], batch[0][1][0, 2:])
+        else:  # 2x2 grid, column by column: items 0 and 1 on the left, 2 and 3 on the right
+            seen.add("grid")
+            assert imgs[0, 0, :4, :4].eq(0).all() and imgs[0, 0, 4:, :4].eq(1).all()
+            assert imgs[0, 0, :4, 4:].eq(2).all() and imgs[0, 0, 4:, 4:].eq(3).all()
+            np.testing.assert_allclose(targets[:, 2:].numpy(), [[0.25, 0.25, 0.1, 0.1], [0.625, 0.375, 0.05, 0.2],
+                                                                [0.5, 0.5, 0.5, 0.5]])
+    assert seen == {"upscaled", "grid"}
 
 
 def test_distributed_sampler_when_rank_given(shapes_dataset: Path, tmp_path: Path):

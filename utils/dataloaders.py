@@ -5,6 +5,9 @@
   ``class x_center y_center width height`` normalized to [0, 1] (polygon rows ``class x1 y1 x2 y2 ...`` are
   reduced to their boxes). Scan results are cached in a JSON ``.cache`` file next to the labels folder and
   invalidated by a hash of the paths, sizes and modification times of all images and labels.
+- A training item is a mosaic (with optional mixup) or a letterboxed image, then warped, colour-jittered and
+  flipped by the transforms of ``utils.augmentations`` (``AugmentPolicy``), all drawing from one generator seeded
+  per item; validation items are letterboxed only.
 - ``LoadImages``: images and videos for inference; ``LoadStreams``: webcams and network streams, failing fast
   when a stream cannot be opened.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -33,26 +37,31 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import (
-    BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler, SequentialSampler,
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
 )
 from tqdm import tqdm
 
 from utils.augmentations import (
-    augment_hsv,
+    AugmentPolicy,
+    Sample,
+    blend,
+    draw_mixup_weight,
     letterbox,
-    mixup,
-    mosaic4_tile,
-    mosaic9_origin,
-    random_flip,
-    random_perspective,
+    mosaic_layout,
+    paste_tiles,
 )
 from utils.boxes import xywhn2xyxy, xyxy2xywh, xyxy2xywhn
-from utils.general import LOGGER, UserInputError, is_url
+from utils.general import LOGGER, TQDM_BAR_FORMAT, UserInputError, is_url
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
 CACHE_VERSION = 1
-TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1)))
 EXIF_ORIENTATION = 0x0112
 MAX_CLASS_ID = 2**24  # larger ids are not exact in the float32 label arrays
@@ -77,9 +86,15 @@ def imread(path: str | Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray | None
 
 
 def img2label_paths(img_paths: list[str]) -> list[str]:
-    """Label file of each image: the last ``/images/`` component becomes ``/labels/``, the extension ``.txt``."""
-    images, labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
-    return [labels.join(p.rsplit(images, 1)).rsplit(".", 1)[0] + ".txt" for p in img_paths]
+    """Label file of each image: in its path the last folder named ``images`` becomes ``labels`` and the suffix
+    becomes ``.txt``; an image outside any ``images`` folder has its label file next to it."""
+    return [_label_path(p) for p in img_paths]
+
+
+def _label_path(image: str) -> str:
+    before, found, after = image.rpartition(f"{os.sep}images{os.sep}")
+    swapped = f"{before}{os.sep}labels{os.sep}{after}" if found else image
+    return str(Path(swapped).with_suffix(".txt"))
 
 
 def _suffix(path: str) -> str:
@@ -273,7 +288,10 @@ def scan_labels(im_files: list[str], label_files: list[str], desc: str, prefix: 
 
 
 def _summary(counts: dict) -> str:
-    return f"{counts['found']} images, {counts['missing'] + counts['empty']} backgrounds, {counts['corrupt']} corrupt"
+    """'<usable> images (<without boxes>), <corrupt> corrupt': a missing or an empty label file makes a background
+    image, a corrupt image or unreadable label file leaves the image out."""
+    usable, background = counts["found"] + counts["missing"], counts["missing"] + counts["empty"]
+    return f"{usable} images ({background} without boxes), {counts['corrupt']} corrupt"
 
 
 def cache_path_for(path: str | Path | list, label_files: list[str]) -> Path:
@@ -286,49 +304,49 @@ def cache_path_for(path: str | Path | list, label_files: list[str]) -> Path:
 
 
 class LoadImagesAndLabels(Dataset):
-    """Images with YOLO labels for training (mosaic/mixup/perspective/HSV/flip augmentation) and validation.
+    """Images with YOLO labels for training (mosaic, mixup, warp, colour and flip augmentation) and validation.
 
     Items are (CHW RGB uint8 tensor, (n, 6) targets [0, class, x, y, w, h] normalized, image path, shapes) where
-    shapes = ((h0, w0), ((h / h0, w / w0), (padw, padh))) for letterboxed items and None for mosaics.
+    shapes = ((h0, w0), ((h / h0, w / w0), (padw, padh))) for letterboxed items and None for mosaics. An index may
+    be an (index, seed) pair, as ``SeededBatchSampler`` gives: the item's random draws then depend on that seed only.
+    With ``rect``, images are sorted by aspect ratio and each batch is letterboxed to its own ``batch_shapes`` entry.
     """
 
     def __init__(
         self,
         path: str | Path | list,
+        *,
         img_size: int = 640,
+        stride: int = 32,
         batch_size: int = 16,
+        rect: bool = False,
+        pad: float = 0.0,
         augment: bool = False,
         hyp: dict | None = None,
-        rect: bool = False,
         image_weights: bool = False,
-        cache_images: bool | str | None = None,
         single_cls: bool = False,
-        stride: int = 32,
-        pad: float = 0.0,
         min_items: int = 0,
-        prefix: str = "",
         nc: int | None = None,
+        cache_images: bool | str | None = None,
+        prefix: str = "",
         rank: int = -1,
     ) -> None:
-        self.img_size = img_size
-        self.augment = augment
-        self.hyp = hyp
-        self.image_weights = image_weights
-        self.rect = False if image_weights else rect
+        self.path, self.img_size, self.stride, self.hyp = path, img_size, stride, hyp
+        self.augment, self.image_weights = augment, image_weights
+        self.rect = rect and not image_weights  # resampled images would break the per-batch shapes
         self.mosaic = augment and not self.rect
-        self.mosaic_border = [-img_size // 2, -img_size // 2]
-        self.stride = stride
-        self.path = path
+        self.policy = AugmentPolicy.from_hyp(hyp)
+        self.mosaic_warp = self.policy.mosaic_warp(img_size)
         self.cache_mode = _cache_mode(cache_images)
 
         self.im_files = find_image_files(path, prefix)
         self.label_files = img2label_paths(self.im_files)
         cache = self._label_cache(cache_path_for(path, self.label_files), prefix, verbose=rank in (-1, 0))
-        self._set_labels(cache["images"], prefix, augment, nc, single_cls, min_items)
+        self._set_labels(cache["images"], prefix, nc, single_cls, min_items)
 
         self.n = len(self.im_files)
-        self.batch = np.floor(np.arange(self.n) / batch_size).astype(int)  # batch index of each image
-        self.indices = np.arange(self.n)  # resampled by train.py for --image-weights
+        self.batch = np.arange(self.n) // batch_size  # batch number of each image (in rect order)
+        self.indices = np.arange(self.n)  # item -> image; train.py resamples it for --image-weights
         if self.rect:
             self._sort_by_aspect_ratio(img_size, stride, pad)
 
@@ -360,9 +378,7 @@ class LoadImagesAndLabels(Dataset):
             LOGGER.warning(f"{prefix}WARNING no labels found in {cache_path}")
         return cache
 
-    def _set_labels(
-        self, images: dict, prefix: str, augment: bool, nc: int | None, single_cls: bool, min_items: int
-    ) -> None:
+    def _set_labels(self, images: dict, prefix: str, nc: int | None, single_cls: bool, min_items: int) -> None:
         """Fill ``im_files``, ``label_files``, ``labels`` and ``shapes`` from the scanned (valid) images."""
         self.im_files = [f for f in self.im_files if f in images]
         if not self.im_files:
@@ -375,34 +391,31 @@ class LoadImagesAndLabels(Dataset):
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
-        if augment and not sum(len(lb) for lb in self.labels):
+        if self.augment and not sum(len(lb) for lb in self.labels):
             raise DatasetError(f"{prefix}all labels are empty in {self.path}, cannot train")
         if min_items:
-            self._keep(np.array([len(lb) >= min_items for lb in self.labels]), prefix)
+            counts = np.array([len(lb) for lb in self.labels])
+            self._select(np.flatnonzero(counts >= min_items))
+            LOGGER.info(f"{prefix}--min-items {min_items}: left out {int((counts < min_items).sum())} of "
+                        f"{len(counts)} images with fewer labels")
 
-    def _keep(self, mask: np.ndarray, prefix: str) -> None:
-        """Restrict the per-image lists to ``mask``."""
-        LOGGER.info(f"{prefix}{int((~mask).sum())}/{len(mask)} images filtered from dataset")
-        keep = np.nonzero(mask)[0]
-        self.im_files = [self.im_files[i] for i in keep]
-        self.label_files = [self.label_files[i] for i in keep]
-        self.labels = [self.labels[i] for i in keep]
-        self.shapes = self.shapes[keep]
+    def _select(self, order: np.ndarray) -> None:
+        """Keep and reorder the per-image lists to ``order`` (indices into them)."""
+        per_image = (self.im_files, self.label_files, self.labels)
+        self.im_files, self.label_files, self.labels = ([items[i] for i in order] for items in per_image)
+        self.shapes = self.shapes[order]
 
     def _sort_by_aspect_ratio(self, img_size: int, stride: int, pad: float) -> None:
-        """Order images by aspect ratio and give each batch the smallest stride-multiple shape that fits it."""
-        aspect = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
-        order = aspect.argsort()
-        self.im_files = [self.im_files[i] for i in order]
-        self.label_files = [self.label_files[i] for i in order]
-        self.labels = [self.labels[i] for i in order]
-        self.shapes = self.shapes[order]
-        aspect = aspect[order]
-        shapes = []
-        for b in range(self.batch[-1] + 1):
-            ar = aspect[self.batch == b]
-            shapes.append([ar.max(), 1] if ar.max() < 1 else [1, 1 / ar.min()] if ar.min() > 1 else [1, 1])
-        self.batch_shapes = np.ceil(np.array(shapes) * img_size / stride + pad).astype(int) * stride  # (h, w)
+        """Order images by aspect ratio (h / w) and give each batch the smallest (h, w), in multiples of
+        ``stride`` plus ``pad`` strides, that holds all its images letterboxed at ``img_size``."""
+        self._select((self.shapes[:, 1] / self.shapes[:, 0]).argsort())
+        aspect = self.shapes[:, 1] / self.shapes[:, 0]
+        starts = np.flatnonzero(np.diff(self.batch, prepend=-1))  # first image of every batch
+        tallest, widest = np.maximum.reduceat(aspect, starts), np.minimum.reduceat(aspect, starts)
+        # all landscape: full width and the tallest's height; all portrait: full height and the widest's width;
+        # a batch with both kinds stays square
+        relative_hw = np.stack((np.where(tallest < 1, tallest, 1.0), np.where(widest > 1, 1 / widest, 1.0)), 1)
+        self.batch_shapes = (np.ceil(relative_hw * img_size / stride + pad) * stride).astype(int)
 
     # ---- images
 
@@ -449,19 +462,19 @@ class LoadImagesAndLabels(Dataset):
         return im
 
     def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
-        """Image i resized so that its long side is ``img_size``; returns (image, (h0, w0), (h, w)).
-
-        Interpolation is INTER_LINEAR when augmenting or enlarging and INTER_AREA when shrinking for evaluation.
-        """
+        """Image i with its long side resized to ``img_size`` (see ``fit_long_side``): (image, (h0, w0), (h, w))."""
         if self.ims[i] is not None:
             return self.ims[i], self.im_hw0[i], self.im_hw[i]
-        im = self._read(i)
-        h0, w0 = im.shape[:2]
-        r = self.img_size / max(h0, w0)
-        if r != 1:
-            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
-            im = cv2.resize(im, (math.ceil(w0 * r), math.ceil(h0 * r)), interpolation=interp)
-        return im, (h0, w0), im.shape[:2]
+        original = self._read(i)
+        resized = fit_long_side(original, self.img_size, average_when_shrinking=not self.augment)
+        return resized, original.shape[:2], resized.shape[:2]
+
+    def _pixel_labels(self, i: int, size_wh: tuple[float, float], offset: tuple[float, float] = (0, 0)) -> np.ndarray:
+        """Labels of image i as (class, pixel xyxy) for a copy of it of ``size_wh`` placed at ``offset``."""
+        labels = self.labels[i].copy()
+        if len(labels):
+            labels[:, 1:] = xywhn2xyxy(labels[:, 1:], *size_wh, *offset)
+        return labels
 
     # ---- items
 
@@ -469,135 +482,127 @@ class LoadImagesAndLabels(Dataset):
         return len(self.im_files)
 
     def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
-        """Item ``index``; an (index, seed) pair (from ``SeededBatchSampler``) first seeds the augmentation draws."""
-        if isinstance(index, tuple):
-            index, seed = index
-            random.seed(seed)
-            np.random.seed(seed)
-        index = self.indices[index]  # linear, shuffled, or resampled by image weights
-        hyp = self.hyp
-        if self.mosaic and random.random() < hyp["mosaic"]:
-            img, labels = self._load_any_mosaic(index)
-            shapes = None
-            if random.random() < hyp["mixup"]:
-                img, labels = mixup(img, labels, *self._load_any_mosaic(random.choice(self.indices)))
+        index, seed = index if isinstance(index, tuple) else (index, None)
+        rng = _item_generator(seed)
+        i = self.indices[index]
+        if self.mosaic and rng.random() < self.policy.mosaic:
+            sample, shapes = self._mosaic_with_mixup(i, rng), None
         else:
-            img, labels, shapes = self._load_letterboxed(index)
-        if len(labels):
-            labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
+            sample, shapes = self._letterboxed(i, rng)
         if self.augment:
-            augment_hsv(img, hgain=hyp["hsv_h"], sgain=hyp["hsv_s"], vgain=hyp["hsv_v"])
-            img, labels = random_flip(img, labels, hyp["flipud"], hyp["fliplr"])
-        targets = torch.zeros((len(labels), 6))
-        if len(labels):
-            targets[:, 1:] = torch.from_numpy(labels)
-        img = np.ascontiguousarray(img.transpose((2, 0, 1))[::-1])  # HWC BGR -> CHW RGB
-        return torch.from_numpy(img), targets, self.im_files[index], shapes
+            sample = self.policy.photometric(sample, rng)
+        return _to_item(sample, self.im_files[i], shapes)
 
-    def _load_letterboxed(self, index: int) -> tuple[np.ndarray, np.ndarray, tuple]:
-        """Resized image letterboxed to its batch shape (rect) or ``img_size``; labels as pixel xyxy."""
-        img, (h0, w0), (h, w) = self.load_image(index)
-        shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
-        img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
-        shapes = (h0, w0), ((h / h0, w / w0), pad)  # to map predictions back to the original image
-        labels = self.labels[index].copy()
-        if labels.size:
-            labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
+    def _letterboxed(self, i: int, rng: np.random.Generator) -> tuple[Sample, tuple]:
+        """Image i letterboxed to its batch's shape (rect) or to ``img_size``, warped when augmenting; with the
+        shapes val.py needs to map predictions back: ((h0, w0), ((h / h0, w / w0), (padw, padh)))."""
+        image, original_hw, (h, w) = self.load_image(i)
+        image, (gain_x, gain_y), pad = letterbox(image, self._letterbox_shape(i), auto=False, scaleup=self.augment)
+        sample = Sample(image, self._pixel_labels(i, (gain_x * w, gain_y * h), pad))
         if self.augment:
-            img, labels = random_perspective(img, labels, **self._warp_hyp())
-        return img, labels, shapes
+            sample = self.policy.warp(sample, rng)
+        return sample, (original_hw, ((h / original_hw[0], w / original_hw[1]), pad))
 
-    def _warp_hyp(self) -> dict:
-        return {k: self.hyp[k] for k in ("degrees", "translate", "scale", "shear", "perspective")}
+    def _letterbox_shape(self, i: int) -> int | np.ndarray:
+        """(h, w) of image i's batch under rect, else the square ``img_size``."""
+        return self.batch_shapes[self.batch[i]] if self.rect else self.img_size
 
-    def _load_any_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """A 4-image mosaic, or a 9-image one with probability ``hyp['mosaic9']`` (default 0)."""
-        p9 = self.hyp.get("mosaic9", 0.0)
-        nine = p9 and random.random() < p9  # no extra random draw when unused: same draws as upstream
-        return self.load_mosaic9(index) if nine else self.load_mosaic(index)
+    def _mosaic_with_mixup(self, i: int, rng: np.random.Generator) -> Sample:
+        """A mosaic around image i, blended with probability ``mixup`` with a mosaic around a random image."""
+        sample = self._mosaic(i, rng)
+        if rng.random() < self.policy.mixup:
+            sample = blend(sample, self._mosaic(rng.choice(self.indices), rng), draw_mixup_weight(rng))
+        return sample
 
-    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image ``index`` and 3 random others tiled around a random centre, then randomly warped to img_size."""
-        s = self.img_size
-        yc, xc = (int(random.uniform(-x, 2 * s + x)) for x in self.mosaic_border)
-        indices = [index] + random.choices(self.indices, k=3)
-        random.shuffle(indices)
-        canvas, all_labels = None, []
-        for slot, i in enumerate(indices):
-            img, _, (h, w) = self.load_image(i)
-            if canvas is None:
-                canvas = np.full((s * 2, s * 2, img.shape[2]), 114, dtype=np.uint8)
-            (xa1, ya1, xa2, ya2), (xb1, yb1, xb2, yb2) = mosaic4_tile(slot, xc, yc, s, h, w)
-            canvas[ya1:ya2, xa1:xa2] = img[yb1:yb2, xb1:xb2]
-            all_labels.append(self._pixel_labels(i, w, h, xa1 - xb1, ya1 - yb1))
-        labels = np.concatenate(all_labels, 0)
-        np.clip(labels[:, 1:], 0, 2 * s, out=labels[:, 1:])
-        return random_perspective(canvas, labels, border=self.mosaic_border, **self._warp_hyp())
-
-    def load_mosaic9(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image ``index`` and 8 random others tiled 3x3, a random 2s x 2s crop, then randomly warped."""
-        s = self.img_size
-        indices = [index] + random.choices(self.indices, k=8)
-        random.shuffle(indices)
-        canvas, all_labels, centre_hw, prev_hw = None, [], None, (-1, -1)
-        for slot, i in enumerate(indices):
-            img, _, (h, w) = self.load_image(i)
-            if canvas is None:
-                canvas = np.full((s * 3, s * 3, img.shape[2]), 114, dtype=np.uint8)
-                centre_hw = (h, w)
-            x0, y0 = mosaic9_origin(slot, s, (h, w), centre_hw, prev_hw)
-            x1, y1 = max(x0, 0), max(y0, 0)
-            canvas[y1:y0 + h, x1:x0 + w] = img[y1 - y0:, x1 - x0:]
-            all_labels.append(self._pixel_labels(i, w, h, x0, y0))
-            prev_hw = (h, w)
-        yc, xc = (int(random.uniform(0, s)) for _ in self.mosaic_border)
-        canvas = canvas[yc:yc + 2 * s, xc:xc + 2 * s]
-        labels = np.concatenate(all_labels, 0)
-        labels[:, [1, 3]] -= xc
-        labels[:, [2, 4]] -= yc
-        np.clip(labels[:, 1:], 0, 2 * s, out=labels[:, 1:])
-        return random_perspective(canvas, labels, border=self.mosaic_border, **self._warp_hyp())
-
-    def _pixel_labels(self, i: int, w: int, h: int, padw: float, padh: float) -> np.ndarray:
-        """Labels of image i as pixel xyxy for a (w, h) copy placed at (padw, padh)."""
-        labels = self.labels[i].copy()
-        if labels.size:
-            labels[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, padw, padh)
-        return labels
+    def _mosaic(self, i: int, rng: np.random.Generator) -> Sample:
+        """Image i and 3 random others (8 with probability ``mosaic9``) in random order, tiled on a 2s x 2s canvas
+        (s = img_size, see ``mosaic_layout``), then warped and cropped to s x s."""
+        count = 9 if rng.random() < self.policy.mosaic9 else 4
+        tiles = []
+        for j in rng.permutation(np.append(rng.choice(self.indices, count - 1), i)):
+            image, _, (h, w) = self.load_image(j)
+            tiles.append(Sample(image, self._pixel_labels(j, (w, h))))
+        origins = mosaic_layout(np.array([tile.hw for tile in tiles]), self.img_size, rng)
+        return self.mosaic_warp(paste_tiles(tiles, origins, 2 * self.img_size), rng)
 
     # ---- batching
 
     @staticmethod
     def collate_fn(batch: list) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
-        """Stack images and concatenate targets, writing each target's image index into column 0."""
-        ims, targets, paths, shapes = zip(*batch)
-        for i, t in enumerate(targets):
-            t[:, 0] = i
-        return torch.stack(ims, 0), torch.cat(targets, 0), paths, shapes
+        """Stack the images; concatenate the targets with column 0 set to the index of their image in the batch."""
+        images, targets, paths, shapes = zip(*batch)
+        numbered = [torch.cat((torch.full_like(t[:, :1], k), t[:, 1:]), 1) for k, t in enumerate(targets)]
+        return torch.stack(images), torch.cat(numbered), paths, shapes
 
     @staticmethod
     def collate_fn4(batch: list) -> tuple[torch.Tensor, torch.Tensor, tuple, tuple]:
-        """Quad collate: every 4 items become one item, either the first upscaled 2x or a 2x2 tile of all four."""
-        ims, targets, paths, shapes = zip(*batch)
-        n = len(shapes) // 4
-        below = torch.tensor([[0.0, 0, 0, 1, 0, 0]])  # y offset of the tile under the first
-        right = torch.tensor([[0.0, 0, 1, 0, 0, 0]])  # x offset of the tile right of the first
-        halve = torch.tensor([[1, 1, 0.5, 0.5, 0.5, 0.5]])
-        quad_ims, quad_targets = [], []
-        for i in range(0, 4 * n, 4):
-            if random.random() < 0.5:
-                big = F.interpolate(ims[i][None].float(), scale_factor=2.0, mode="bilinear", align_corners=False)
-                quad_ims.append(big[0].type(ims[i].type()))
-                quad_targets.append(targets[i])
-            else:
-                column0 = torch.cat((ims[i], ims[i + 1]), 1)
-                column1 = torch.cat((ims[i + 2], ims[i + 3]), 1)
-                quad_ims.append(torch.cat((column0, column1), 2))
-                tiles = (targets[i], targets[i + 1] + below, targets[i + 2] + right, targets[i + 3] + below + right)
-                quad_targets.append(torch.cat(tiles, 0) * halve)
-        for i, t in enumerate(quad_targets):
-            t[:, 0] = i
-        return torch.stack(quad_ims, 0), torch.cat(quad_targets, 0), paths[:n], shapes[:n]
+        """Quad collate (--quad): every 4 consecutive items become one item twice their size (``_quad_item``);
+        a remainder of fewer than 4 items is dropped."""
+        groups = [batch[k:k + 4] for k in range(0, len(batch) - 3, 4)]
+        return LoadImagesAndLabels.collate_fn([_quad_item(group) for group in groups])
+
+
+QUAD_TILE_OFFSETS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # (x, y) of tiles 0-3, in tiles
+
+
+def _quad_item(group: list) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+    """One item from 4: with probability 1/2 the first image upscaled 2x (bilinear), else a 2x2 grid of all four
+    (column-major: first column items 0 and 1, second column items 2 and 3) with their boxes moved along."""
+    images, targets, paths, shapes = zip(*group)
+    if random.random() < 0.5:
+        big = F.interpolate(images[0][None].float(), scale_factor=2.0, mode="bilinear", align_corners=False)[0]
+        return big.to(images[0].dtype), targets[0], paths[0], shapes[0]
+    grid = torch.cat((torch.cat(images[:2], 1), torch.cat(images[2:], 1)), 2)
+    moved = []
+    for t, offset in zip(targets, QUAD_TILE_OFFSETS):
+        t = t.clone()
+        t[:, 2:4] = (t[:, 2:4] + offset) / 2
+        t[:, 4:6] /= 2
+        moved.append(t)
+    return grid, torch.cat(moved), paths[0], shapes[0]
+
+
+def fit_long_side(im: np.ndarray, size: int, average_when_shrinking: bool) -> np.ndarray:
+    """``im`` scaled so that its long side is ``size``, each side rounded up.
+
+    Shrinking uses INTER_AREA (pixel averaging, no aliasing) when ``average_when_shrinking`` (evaluation), else
+    INTER_LINEAR, which training uses for speed and which any enlargement uses.
+    """
+    h0, w0 = im.shape[:2]
+    gain = size / max(h0, w0)
+    if gain == 1:
+        return im
+    method = cv2.INTER_AREA if gain < 1 and average_when_shrinking else cv2.INTER_LINEAR
+    return cv2.resize(im, (math.ceil(w0 * gain), math.ceil(h0 * gain)), interpolation=method)
+
+
+def _item_generator(seed: int | None) -> np.random.Generator:
+    """The generator of one item's random draws.
+
+    A seeded item (from ``SeededBatchSampler``) also reseeds Python's global generator, which the quad collate
+    draws from, so whole batches depend on the seeds alone. An unseeded item takes its seed from NumPy's global
+    generator (so ``np.random.seed`` makes a run reproducible).
+    """
+    if seed is None:
+        return np.random.default_rng(np.random.randint(2**31))
+    random.seed(seed)
+    return np.random.default_rng(seed)
+
+
+def _to_item(sample: Sample, path: str, shapes: tuple | None) -> tuple[torch.Tensor, torch.Tensor, str, tuple | None]:
+    """(CHW RGB uint8 tensor, (n, 6) targets [0, class, normalized xywh], path, shapes) from a BGR sample."""
+    h, w = sample.hw
+    labels = sample.labels
+    targets = torch.zeros((len(labels), 6))
+    if len(labels):
+        targets[:, 1] = torch.from_numpy(labels[:, 0])
+        targets[:, 2:] = torch.from_numpy(xyxy2xywhn(labels[:, 1:5], w=w, h=h, clip=True, eps=1e-3))
+    return torch.from_numpy(bgr_to_chw_rgb(sample.image)), targets, path, shapes
+
+
+def bgr_to_chw_rgb(image: np.ndarray) -> np.ndarray:
+    """A contiguous CHW RGB copy of an HWC BGR image (the layout models take)."""
+    return np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1))
 
 
 def _cache_mode(cache: bool | str | None) -> str | None:
@@ -657,16 +662,28 @@ class SeededBatchSampler(Sampler):
 
 
 class InfiniteDataLoader(DataLoader):
-    """DataLoader over an endless ``SeededBatchSampler``: one iterator for all epochs, so workers start once and
-    prefetch across epoch ends; each ``iter(loader)`` (one epoch) takes ``len(loader)`` batches from it."""
+    """DataLoader over an endless ``SeededBatchSampler``: its workers start once and keep prefetching across epoch
+    ends. Each ``iter(loader)`` is one epoch: the next ``len(loader)`` batches of the one underlying stream."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._endless = super().__iter__()
+    _stream: Iterator | None = None
 
     def __iter__(self) -> Iterator:
-        for _ in range(len(self)):
-            yield next(self._endless)
+        if self._stream is None:
+            self._stream = super().__iter__()
+        return itertools.islice(self._stream, len(self))
+
+
+def _worker_count(batch_size: int, requested: int) -> int:
+    """Loader processes: as requested, at most the CPUs per local device and the batch size; none for batches of 1."""
+    cpus_per_device = (os.cpu_count() or 1) // max(torch.cuda.device_count(), 1)
+    return 0 if batch_size <= 1 else min(cpus_per_device, batch_size, requested)
+
+
+def _image_sampler(dataset: Dataset, rank: int, shuffle: bool, seed: int) -> Sampler:
+    """This process's share of the images under DDP (``rank`` != -1), else all of them, shuffled or in order."""
+    if rank == -1:
+        return RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    return DistributedSampler(dataset, shuffle=shuffle, seed=seed)
 
 
 def create_dataloader(
@@ -675,21 +692,22 @@ def create_dataloader(
     batch_size: int,
     stride: int,
     single_cls: bool = False,
-    hyp: dict | None = None,
+    *,
     augment: bool = False,
-    cache: bool | str | None = None,
-    pad: float = 0.0,
+    hyp: dict | None = None,
     rect: bool = False,
-    rank: int = -1,
-    workers: int = 8,
-    image_weights: bool = False,
-    quad: bool = False,
-    prefix: str = "",
+    pad: float = 0.0,
     shuffle: bool = False,
     seed: int = 0,
+    start_epoch: int = 0,
+    rank: int = -1,
+    workers: int = 8,
+    cache: bool | str | None = None,
+    image_weights: bool = False,
+    quad: bool = False,
     min_items: int = 0,
     nc: int | None = None,
-    start_epoch: int = 0,
+    prefix: str = "",
 ) -> tuple[DataLoader, LoadImagesAndLabels]:
     """Build the dataset and its DataLoader (DistributedSampler when ``rank != -1``).
 
@@ -699,30 +717,23 @@ def create_dataloader(
     epochs, which fresh workers must see. ``nc``, when given, drops labels whose class id is >= nc.
     """
     if rect and shuffle:
-        LOGGER.warning("WARNING --rect is incompatible with DataLoader shuffle, setting shuffle=False")
+        LOGGER.warning("WARNING --rect batches keep their aspect-ratio order; not shuffling")
         shuffle = False
     dataset = LoadImagesAndLabels(
-        path, imgsz, batch_size, augment=augment, hyp=hyp, rect=rect, image_weights=image_weights,
-        cache_images=cache, single_cls=single_cls, stride=int(stride), pad=pad, min_items=min_items,
-        prefix=prefix, nc=nc, rank=rank,
+        path, img_size=imgsz, stride=int(stride), batch_size=batch_size, rect=rect, pad=pad, augment=augment,
+        hyp=hyp, image_weights=image_weights, single_cls=single_cls, min_items=min_items, nc=nc,
+        cache_images=cache, prefix=prefix, rank=rank,
     )
     batch_size = min(batch_size, len(dataset))
-    devices = max(torch.cuda.device_count(), 1)
-    num_workers = min((os.cpu_count() or 1) // devices, batch_size if batch_size > 1 else 0, workers)
-    if rank != -1:
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed)
-    else:
-        sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
-    batches = SeededBatchSampler(sampler, batch_size, seed, start_epoch, rank, endless=not image_weights)
-    generator = torch.Generator().manual_seed(seed)  # workers' base seed, not a draw from the global torch RNG
-    loader_class = DataLoader if image_weights else InfiniteDataLoader
-    loader = loader_class(
+    sampler = _image_sampler(dataset, rank, shuffle, seed)
+    loader_type = DataLoader if image_weights else InfiniteDataLoader
+    loader = loader_type(
         dataset,
-        batch_sampler=batches,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        batch_sampler=SeededBatchSampler(sampler, batch_size, seed, start_epoch, rank, endless=not image_weights),
+        num_workers=_worker_count(batch_size, workers),
         collate_fn=LoadImagesAndLabels.collate_fn4 if quad else LoadImagesAndLabels.collate_fn,
-        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed),  # the workers' base seed, independent of torch's global RNG
     )
     return loader, dataset
 
@@ -738,26 +749,38 @@ def is_stream_source(source: str) -> bool:
     )
 
 
+MEDIA_FORMATS = IMG_FORMATS + VID_FORMATS
+
+
+def _source_entry_files(entry: str) -> list[str]:
+    """Files one source entry names: itself, a folder's files (not its subfolders; hidden files skipped) or the
+    matches of a pattern containing ``*`` (``**`` recursive)."""
+    if is_url(entry):
+        raise FileNotFoundError(f"{entry} is a URL: downloading is not supported, give a local file")
+    path = Path(entry)
+    if path.is_file():
+        return [entry]
+    if path.is_dir():
+        return sorted(str(f) for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    if "*" not in entry:
+        raise FileNotFoundError(f"{entry} does not exist")
+    return sorted(glob.glob(entry, recursive=True))
+
+
 def _inference_files(path: str | Path | list) -> list[str]:
-    """Image/video files from a file, folder, glob, .txt list or list of those."""
+    """Absolute paths of the images and videos named by a file, folder, pattern, .txt list, or a list of those."""
     if isinstance(path, (str, Path)) and str(path).endswith(".txt") and Path(path).is_file():
-        path = [x.strip() for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
-    files = []
-    for p in sorted(map(str, path)) if isinstance(path, (list, tuple)) else [str(path)]:
-        if is_url(p):
-            raise FileNotFoundError(f"{p} is a URL: downloading is not supported, give a local file")
-        if "*" in p:
-            files.extend(sorted(glob.glob(p, recursive=True)))
-        elif os.path.isdir(p):
-            files.extend(sorted(glob.glob(os.path.join(glob.escape(p), "*.*"))))
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p} does not exist")
-    media = [os.path.abspath(f) for f in files if _suffix(f) in IMG_FORMATS + VID_FORMATS]
+        path = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries = sorted(map(str, path)) if isinstance(path, (list, tuple)) else [str(path)]
+    media = [os.path.abspath(f) for entry in entries for f in _source_entry_files(entry) if _suffix(f) in MEDIA_FORMATS]
     if not media:
-        raise FileNotFoundError(f"no images or videos found in {path}; supported: {IMG_FORMATS + VID_FORMATS}")
+        raise FileNotFoundError(f"no images or videos found in {path}; supported: {MEDIA_FORMATS}")
     return media
+
+
+def _model_input(im0: np.ndarray, size: int | list, stride: int, auto: bool) -> np.ndarray:
+    """An original BGR image letterboxed for inference, as a CHW RGB array."""
+    return bgr_to_chw_rgb(letterbox(im0, size, stride=stride, auto=auto)[0])
 
 
 class LoadImages:
@@ -810,8 +833,7 @@ class LoadImages:
         raise StopIteration
 
     def _item(self, path: str, im0: np.ndarray, info: str) -> tuple:
-        im = letterbox(im0, self.img_size, stride=self.stride, auto=self.auto)[0]
-        return path, np.ascontiguousarray(im.transpose((2, 0, 1))[::-1]), im0, self.cap, info
+        return path, _model_input(im0, self.img_size, self.stride, self.auto), im0, self.cap, info
 
     def _skip(self, path: str, why: str) -> None:
         LOGGER.warning(f"WARNING {path}: {why}, skipped")
@@ -903,8 +925,8 @@ class LoadStreams:
             self.close()
             raise StopIteration
         im0 = [f.copy() for f in self.frames]
-        ims = np.stack([letterbox(x, self.img_size, stride=self.stride, auto=self.auto)[0] for x in im0])
-        return self.sources, np.ascontiguousarray(ims[..., ::-1].transpose((0, 3, 1, 2))), im0, None, ""
+        batch = np.stack([_model_input(frame, self.img_size, self.stride, self.auto) for frame in im0])
+        return self.sources, batch, im0, None, ""
 
     def close(self) -> None:
         """Stop the reader threads, then release the captures (never while a thread is still reading)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -14,7 +15,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]  # repository root (folder of train.py)
 LOGGER = logging.getLogger("yolov5")
-RANK = int(os.getenv("RANK", -1))
+RANK = int(os.getenv("RANK", -1))  # this process's rank under torchrun (-1: not distributed)
+LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
+WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
+TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"  # every progress bar: description, 10-character bar, counts, rate
 
 
 def set_logging(verbose: bool = True) -> logging.Logger:
@@ -55,14 +59,17 @@ def make_divisible(x: float, divisor: int) -> int:
 
 
 def check_img_size(imgsz: int | list, s: int = 32, floor: int = 0) -> int | list:
-    """Round image size(s) up to a multiple of stride ``s`` and warn when changed."""
-    if isinstance(imgsz, int):
-        new = max(make_divisible(imgsz, int(s)), floor)
-    else:
-        new = [max(make_divisible(x, int(s)), floor) for x in imgsz]
-    if new != imgsz:
-        LOGGER.warning(f"WARNING --img-size {imgsz} must be multiple of max stride {s}, updating to {new}")
-    return new
+    """``imgsz`` (an int or a list of ints) with every size rounded up to a multiple of the model's largest stride
+    ``s`` and raised to at least ``floor``; a warning says so when that changes anything."""
+    stride = int(s)
+    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
+    fitted = [max(make_divisible(size, stride), floor) for size in sizes]
+    result = fitted[0] if isinstance(imgsz, int) else fitted
+    if fitted != sizes:
+        at_least = f" and at least {floor}" if floor else ""
+        LOGGER.warning(f"WARNING image size {imgsz} changed to {result}: sizes must be multiples of the model's "
+                       f"stride {stride}{at_least}")
+    return result
 
 
 def colorstr(*args: str) -> str:
@@ -92,21 +99,33 @@ def yaml_load(file: str | Path) -> dict:
     return data
 
 
+def _yaml_ready(value):
+    """``value`` with Paths turned into strings and tuples into lists, at any depth, for ``yaml.safe_dump``."""
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _yaml_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_yaml_ready(item) for item in value]
+    return value
+
+
 def yaml_save(file: str | Path, data: dict) -> None:
-    """Write a dict to YAML, converting Paths to strings."""
-    with open(file, "w", encoding="utf-8") as f:
-        yaml.safe_dump({k: str(v) if isinstance(v, Path) else v for k, v in data.items()}, f, sort_keys=False)
+    """Write a dict to a YAML file in its own key order (Paths written as strings)."""
+    Path(file).write_text(yaml.safe_dump(_yaml_ready(data), sort_keys=False), encoding="utf-8")
 
 
 def increment_path(path: str | Path, exist_ok: bool = False, sep: str = "", mkdir: bool = False) -> Path:
-    """runs/exp -> runs/exp2, runs/exp3, ... unless ``exist_ok``."""
+    """``path`` itself if it is free (or ``exist_ok``), else the first free one of path{sep}2, path{sep}3, ...
+
+    For an existing file the number goes before its suffix (runs/a.jpg -> runs/a2.jpg). ``mkdir`` creates the
+    result as a folder.
+    """
     path = Path(path)
     if path.exists() and not exist_ok:
-        stem, suffix = (path.with_suffix(""), path.suffix) if path.is_file() else (path, "")
-        n = 2
-        while Path(f"{stem}{sep}{n}{suffix}").exists():
-            n += 1
-        path = Path(f"{stem}{sep}{n}{suffix}")
+        suffix = path.suffix if path.is_file() else ""
+        base = str(path)[: -len(suffix)] if suffix else str(path)
+        path = next(c for c in (Path(f"{base}{sep}{n}{suffix}") for n in itertools.count(2)) if not c.exists())
     if mkdir:
         path.mkdir(parents=True, exist_ok=True)
     return path
