@@ -1,27 +1,42 @@
-"""Standard YOLOv5 building blocks and the shared folding primitives.
+"""YOLOv5's building blocks, the folding primitives and the re-parameterization protocol every family follows.
 
-Blocks keep upstream YOLOv5's constructor signatures and attribute names (``cv1``, ``cv2``, ``m``,
-...), so state_dict keys match upstream checkpoints. Every module that can fold for inference
-implements :meth:`reparameterize` (timm's name); :meth:`models.yolo.BaseModel.fuse` calls it on
-every module of a network.
+Constructor signatures, attribute names and module nesting are YOLOv5's interface: model YAML rows call the
+constructors, and upstream checkpoints load because the state_dict keys (``cv1.conv.weight``, ``m.0.cv2.bn.bias``,
+...) come out the same. Inside, the blocks share a few generic pieces: one CSP block with a pluggable inner module
+(:class:`CSPBlock`), one max-pool pyramid for any pool sizes (:class:`SPP`, of which SPPF is a case), and pixel
+(un)shuffles for the space/depth rearrangements.
+
+Re-parameterization (:class:`Reparameterizable`): a block that trains as conv + BatchNorm or with parallel branches
+folds itself, in place, with ``reparameterize()``; ``BaseModel.fuse()`` calls it on every module (timm's blocks use
+the same name). ``folded`` tells whether a block is folded, and ``folded_kernel_bias()`` gives the kernel and bias
+of the one convolution a block is equivalent to. Families declare named size variants as ``VARIANTS`` dicts and
+turn them into YAML constructors with :func:`variant_constructors`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 
-def autopad(k: int | tuple, p: int | tuple | None = None, d: int = 1) -> int | list:
-    """Padding that keeps the spatial size ('same') for kernel ``k`` and dilation ``d``."""
-    if d > 1:
-        k = d * (k - 1) + 1 if isinstance(k, int) else [d * (x - 1) + 1 for x in k]
-    if p is None:
-        p = k // 2 if isinstance(k, int) else [x // 2 for x in k]
-    return p
+def autopad(k: int | Sequence[int], p: int | Sequence[int] | None = None, d: int = 1) -> int | Sequence[int]:
+    """``p`` when given; otherwise the padding that keeps the spatial size for an odd kernel ``k`` at dilation ``d``.
+
+    A dilated kernel spans ``d * (k - 1) + 1`` pixels, half of which (rounded down) go on each side.
+    """
+    if p is not None:
+        return p
+
+    def half_span(size: int) -> int:
+        return (d * (size - 1) + 1) // 2
+
+    return half_span(k) if isinstance(k, int) else [half_span(size) for size in k]
 
 
 def fold_bn(kernel: torch.Tensor, bn: nn.BatchNorm2d, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,295 +131,491 @@ class BatchNorm2d(nn.BatchNorm2d):
         return y
 
 
-class ConvBN(nn.Module):
-    """``Conv2d(bias=False)`` followed by ``BatchNorm2d``; folds into one biased ``Conv2d``."""
+# ---------------------------------------------------------------------------------------------------------------------
+# Re-parameterization protocol and variant declarations
 
-    def __init__(self, c1: int, c2: int, k: int | tuple = 1, s: int = 1, p=None, g: int = 1, d: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c2, k, s, autopad(k, p, d), groups=g, dilation=d, bias=False)
-        self.bn = BatchNorm2d(c2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x)) if hasattr(self, "bn") else self.conv(x)
+class Reparameterizable(nn.Module):
+    """Base of every block that trains as conv + BatchNorm or with parallel branches and folds for inference.
 
-    def folded_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel and bias this layer is equivalent to (in eval mode)."""
-        if not hasattr(self, "bn"):
-            return self.conv.weight, self.conv.bias
-        return fold_bn(self.conv.weight, self.bn, self.conv.bias)
+    - :meth:`reparameterize` folds the block in place, its children included; it is idempotent, runs without
+      gradients and leaves the eval-mode output unchanged. Subclasses implement :meth:`_fold` for what they
+      fold themselves; sub-modules that fold on their own are folded afterwards.
+    - :attr:`folded`: True once no BatchNorm is left in the block. Every training-only branch carries one, so
+      this also means that no parallel branch is left.
+    - ``folded_kernel_bias()``: blocks equal to one convolution (or, for a RepGhost module, its cheap operation)
+      return that convolution's kernel and bias, before folding (differentiable) as after it. Parents rely on it
+      whether or not their children are folded yet.
+    """
+
+    @property
+    def folded(self) -> bool:
+        return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.modules())
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the BatchNorm into the convolution (idempotent)."""
-        if hasattr(self, "bn"):
-            self.conv = make_conv(self.conv, *self.folded_kernel_bias())
-            del self.bn
+        """Fold the block for inference (no-op when it is folded already)."""
+        if self.folded:
+            return
+        self._fold()
+        for module in list(self.modules())[1:]:
+            if hasattr(module, "reparameterize"):
+                module.reparameterize()
+
+    def _fold(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not say how it folds")
+
+    def _replace_by_conv(self, slot: str, template: nn.Module, drop: Iterable[str] = (),
+                         build: Callable[[nn.Module, torch.Tensor, torch.Tensor], nn.Module] = make_conv) -> None:
+        """Install ``build(template, *folded_kernel_bias())`` as attribute ``slot`` and set the training-only
+        attributes ``drop`` to None (their state_dict entries disappear)."""
+        conv = build(template, *self.folded_kernel_bias())
+        for name in drop:
+            setattr(self, name, None)
+        setattr(self, slot, conv)
+
+
+def variant_constructors(prefix: str, build: Callable[..., nn.Module],
+                         variants: Mapping[str, Mapping[str, Any]]) -> dict[str, Callable[..., nn.Module]]:
+    """One YAML constructor per entry of a family's ``VARIANTS`` (variant name -> constructor keyword arguments).
+
+    ``{prefix}_{name}(c1=3, **overrides)`` returns ``build(c1, **variants[name], **overrides)``; overrides win.
+    """
+
+    def constructor_for(name: str) -> Callable[..., nn.Module]:
+        def construct(c1: int = 3, **overrides) -> nn.Module:
+            return build(c1, **{**variants[name], **overrides})
+
+        construct.__name__ = construct.__qualname__ = f"{prefix}_{name}"
+        construct.__module__ = build.__module__
+        construct.__doc__ = f"The {name!r} variant of {build.__name__} on ``c1`` input channels."
+        return construct
+
+    return {f"{prefix}_{name}": constructor_for(name) for name in variants}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Convolutions
+
+
+def activation_module(act: bool | nn.Module | None) -> nn.Module:
+    """YOLOv5's ``act`` argument: ``True`` is SiLU, a module is used as given, anything else means none."""
+    if isinstance(act, nn.Module):
+        return act
+    return nn.SiLU() if act is True else nn.Identity()
+
+
+class ConvBN(Reparameterizable):
+    """Bias-free ``Conv2d`` then ``BatchNorm2d``; folds into one biased ``Conv2d`` (``bn`` becomes None)."""
+
+    def __init__(self, c1: int, c2: int, k: int | Sequence[int] = 1, s: int | Sequence[int] = 1, p=None, g: int = 1,
+                 d: int = 1):
+        super().__init__()
+        geometry = {"stride": s, "padding": autopad(k, p, d), "dilation": d, "groups": g}
+        self.conv = nn.Conv2d(c1, c2, k, bias=False, **geometry)
+        self.bn = BatchNorm2d(self.conv.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y if self.bn is None else self.bn(y)
+
+    def folded_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bn is None:
+            return self.conv.weight, self.conv.bias
+        return fold_bn(self.conv.weight, self.bn, self.conv.bias)
+
+    def _fold(self) -> None:
+        self._replace_by_conv("conv", self.conv, drop=("bn",))
 
 
 class Conv(ConvBN):
-    """YOLOv5 Conv: Conv2d + BatchNorm2d + activation (SiLU by default, ``act=False`` for none)."""
+    """YOLOv5's Conv: :class:`ConvBN`, then an activation (SiLU unless ``act`` says otherwise)."""
 
-    def __init__(self, c1: int, c2: int, k: int | tuple = 1, s: int = 1, p=None, g: int = 1, d: int = 1, act=True):
-        super().__init__(c1, c2, k, s, p, g, d)
-        self.act = nn.SiLU() if act is True else act if isinstance(act, nn.Module) else nn.Identity()
+    def __init__(self, c1: int, c2: int, k: int | Sequence[int] = 1, s: int | Sequence[int] = 1, p=None, g: int = 1,
+                 d: int = 1, act: bool | nn.Module = True):
+        super().__init__(c1, c2, k, s, p=p, g=g, d=d)
+        self.act = activation_module(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(super().forward(x))
 
 
+def repeated(n: int, make: Callable[[], nn.Module]) -> nn.Sequential:
+    """``n`` separately built units in sequence."""
+    return nn.Sequential(*[make() for _ in range(n)])
+
+
+class ConvPair(nn.Module):
+    """``cv2(cv1(x))`` through ``hidden`` channels, plus ``x`` when ``residual``.
+
+    ``first`` and ``second`` are the remaining :class:`Conv` arguments (kernel, stride, padding, groups) of each.
+    """
+
+    def __init__(self, c1: int, c2: int, hidden: int, first: Sequence, second: Sequence, residual: bool):
+        super().__init__()
+        self.cv1 = Conv(c1, hidden, *first)
+        self.cv2 = Conv(hidden, c2, *second)
+        self.add = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.cv2(self.cv1(x))
+        return y + x if self.add else y
+
+
 class DWConv(Conv):
-    """Depth-wise convolution (groups = gcd of the channel counts)."""
+    """Conv grouped as finely as the channel counts allow (``gcd(c1, c2)`` groups: depth-wise when equal)."""
 
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, d: int = 1, act=True):
-        super().__init__(c1, c2, k, s, g=math.gcd(c1, c2), d=d, act=act)
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, d: int = 1, act: bool | nn.Module = True):
+        groups = math.gcd(c1, c2)
+        super().__init__(c1, c2, k, s, None, groups, d, act)
 
 
-class Bottleneck(nn.Module):
-    """Standard bottleneck: 1x1 then 3x3 Conv, with a residual when shapes allow."""
+class Bottleneck(ConvPair):
+    """ResNet-style bottleneck: 1x1 to ``int(c2 * e)`` channels, 3x3 (``g`` groups) to ``c2``; residual when
+    ``shortcut`` and the shapes agree."""
 
     def __init__(self, c1: int, c2: int, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_, c2, 3, 1, g=g)
-        self.add = shortcut and c1 == c2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cv2(self.cv1(x))
-        return x + y if self.add else y
+        super().__init__(c1, c2, int(c2 * e), (1, 1), (3, 1, None, g), shortcut and c1 == c2)
 
 
-class BottleneckCSP(nn.Module):
-    """CSP bottleneck of Cross Stage Partial Networks (YOLOv4/v5 v1-v5 style)."""
-
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = nn.Conv2d(c1, c_, 1, 1, bias=False)
-        self.cv3 = nn.Conv2d(c_, c_, 1, 1, bias=False)
-        self.cv4 = Conv(2 * c_, c2, 1, 1)
-        self.bn = BatchNorm2d(2 * c_)
-        self.act = nn.SiLU()
-        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0) for _ in range(n)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y1 = self.cv3(self.m(self.cv1(x)))
-        y2 = self.cv2(x)
-        return self.cv4(self.act(self.bn(torch.cat((y1, y2), 1))))
-
-
-class C3(nn.Module):
-    """CSP bottleneck with three convolutions (the YOLOv5 v6 workhorse)."""
-
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c1, c_, 1, 1)
-        self.cv3 = Conv(2 * c_, c2, 1)
-        self.m = nn.Sequential(*(Bottleneck(c_, c_, shortcut, g, e=1.0) for _ in range(n)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), 1))
-
-
-class CrossConv(nn.Module):
-    """Cross convolution: (1 x k) then (k x 1)."""
+class CrossConv(ConvPair):
+    """A k x k convolution factorised into (1 x k) then (k x 1), each with its stride component."""
 
     def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1, g: int = 1, e: float = 1.0, shortcut: bool = False):
+        super().__init__(c1, c2, int(c2 * e), ((1, k), (1, s)), ((k, 1), (s, 1), None, g), shortcut and c1 == c2)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Cross Stage Partial blocks
+
+
+class CSPBlock(nn.Module):
+    """Cross Stage Partial block (Wang et al., "CSPNet", CVPR workshops 2020), as YOLOv4 and YOLOv5 use it.
+
+    ``hidden = int(c2 * e)``. The input takes two ways: the main path ends in the inner module ``m`` (built by
+    ``inner(hidden)``), the bypass is the 1x1 layer ``cv2``. Both are concatenated, main path first, and merged
+    to ``c2`` channels. Subclasses create their 1x1 layers in :meth:`build_paths` and say how the main path runs
+    and how the concatenation is merged.
+    """
+
+    def __init__(self, c1: int, c2: int, e: float, inner: Callable[[int], nn.Module]):
         super().__init__()
-        c_ = int(c2 * e)
-        self.cv1 = Conv(c1, c_, (1, k), (1, s))
-        self.cv2 = Conv(c_, c2, (k, 1), (s, 1), g=g)
-        self.add = shortcut and c1 == c2
+        hidden = int(c2 * e)
+        self.build_paths(c1, c2, hidden)
+        self.m = inner(hidden)
+
+    def build_paths(self, c1: int, c2: int, hidden: int) -> None:
+        raise NotImplementedError
+
+    def main_path(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cv2(self.cv1(x))
-        return x + y if self.add else y
+        both = torch.cat([self.main_path(x), self.cv2(x)], dim=1)
+        return self.merge(both)
+
+
+def bottleneck_unit(c: int, shortcut: bool, g: int) -> Bottleneck:
+    """The inner unit of the CSP blocks: a full-width :class:`Bottleneck` on ``c`` channels."""
+    return Bottleneck(c, c, shortcut, g, e=1.0)
+
+
+class BottleneckCSP(CSPBlock, Reparameterizable):
+    """The CSP bottleneck of YOLOv4 and early YOLOv5: Conv into the units, a plain 1x1 after them and on the
+    bypass, BatchNorm + SiLU on the concatenation, Conv to ``c2``.
+
+    Folding moves each half of the concatenation's BatchNorm into the plain 1x1 conv that feeds it.
+    """
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
+        super().__init__(c1, c2, e, lambda c: repeated(n, lambda: bottleneck_unit(c, shortcut, g)))
+
+    def build_paths(self, c1: int, c2: int, hidden: int) -> None:
+        self.cv1 = Conv(c1, hidden)
+        self.cv2, self.cv3 = (nn.Conv2d(cin, hidden, 1, bias=False) for cin in (c1, hidden))
+        self.cv4 = Conv(2 * hidden, c2)
+        self.bn = BatchNorm2d(2 * hidden)
+        self.act = nn.SiLU()
+
+    def main_path(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cv3(self.m(self.cv1(x)))
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        return self.cv4(self.act(y if self.bn is None else self.bn(y)))
+
+    def _fold(self) -> None:
+        scale, shift = fold_bn(torch.ones_like(self.bn.weight).view(-1, 1, 1, 1), self.bn)
+        for part, name in enumerate(("cv3", "cv2")):  # the concatenation's order
+            conv = getattr(self, name)
+            rows = slice(part * conv.out_channels, (part + 1) * conv.out_channels)
+            setattr(self, name, make_conv(conv, conv.weight * scale[rows], shift[rows]))
+        self.bn = None
+
+
+class C3(CSPBlock):
+    """YOLOv5's CSP block with three Convs: ``cv1`` into the inner units, ``cv2`` as bypass, ``cv3`` merging.
+
+    Variants change only the inner module: override :meth:`unit` (one of ``n`` units in sequence) or
+    :meth:`inner_module` (the whole inner module).
+    """
+
+    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
+        super().__init__(c1, c2, e, lambda c: self.inner_module(c, n, shortcut, g))
+
+    unit = staticmethod(bottleneck_unit)
+
+    def inner_module(self, c: int, n: int, shortcut: bool, g: int) -> nn.Module:
+        return repeated(n, lambda: self.unit(c, shortcut, g))
+
+    def build_paths(self, c1: int, c2: int, hidden: int) -> None:
+        self.cv1, self.cv2 = Conv(c1, hidden), Conv(c1, hidden)
+        self.cv3 = Conv(2 * hidden, c2)
+
+    def main_path(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(self.cv1(x))
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        return self.cv3(y)
 
 
 class C3x(C3):
-    """C3 whose bottlenecks are cross convolutions."""
+    """C3 with cross-convolution units (3x1 after 1x3)."""
 
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__(c1, c2, n, shortcut, g, e)
-        c_ = int(c2 * e)
-        self.m = nn.Sequential(*(CrossConv(c_, c_, 3, 1, g, 1.0, shortcut) for _ in range(n)))
-
-
-class TransformerLayer(nn.Module):
-    """Transformer layer without LayerNorm (as in YOLOv5's C3TR)."""
-
-    def __init__(self, c: int, num_heads: int):
-        super().__init__()
-        self.q = nn.Linear(c, c, bias=False)
-        self.k = nn.Linear(c, c, bias=False)
-        self.v = nn.Linear(c, c, bias=False)
-        self.ma = nn.MultiheadAttention(embed_dim=c, num_heads=num_heads)
-        self.fc1 = nn.Linear(c, c, bias=False)
-        self.fc2 = nn.Linear(c, c, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ma(self.q(x), self.k(x), self.v(x))[0] + x
-        return self.fc2(self.fc1(x)) + x
-
-
-class TransformerBlock(nn.Module):
-    """Vision transformer block over the flattened feature map with a learned position embedding."""
-
-    def __init__(self, c1: int, c2: int, num_heads: int, num_layers: int):
-        super().__init__()
-        self.conv = Conv(c1, c2) if c1 != c2 else None
-        self.linear = nn.Linear(c2, c2)
-        self.tr = nn.Sequential(*(TransformerLayer(c2, num_heads) for _ in range(num_layers)))
-        self.c2 = c2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.conv is not None:
-            x = self.conv(x)
-        b, _, h, w = x.shape
-        p = x.flatten(2).permute(2, 0, 1)
-        return self.tr(p + self.linear(p)).permute(1, 2, 0).reshape(b, self.c2, h, w)
+    @staticmethod
+    def unit(c: int, shortcut: bool, g: int) -> nn.Module:
+        return CrossConv(c, c, 3, 1, g, 1.0, shortcut)
 
 
 class C3TR(C3):
-    """C3 whose bottlenecks are a TransformerBlock."""
+    """C3 whose inner module is a 4-head :class:`TransformerBlock` of ``n`` layers."""
 
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__(c1, c2, n, shortcut, g, e)
-        c_ = int(c2 * e)
-        self.m = TransformerBlock(c_, c_, 4, n)
-
-
-class SPP(nn.Module):
-    """Spatial pyramid pooling (YOLOv3-SPP): parallel max-pools of several sizes."""
-
-    def __init__(self, c1: int, c2: int, k: tuple = (5, 9, 13)):
-        super().__init__()
-        c_ = c1 // 2
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_ * (len(k) + 1), c2, 1, 1)
-        self.m = nn.ModuleList(nn.MaxPool2d(kernel_size=x, stride=1, padding=x // 2) for x in k)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.cv1(x)
-        return self.cv2(torch.cat([x] + [m(x) for m in self.m], 1))
-
-
-class C3SPP(C3):
-    """C3 whose bottleneck is an SPP."""
-
-    def __init__(self, c1: int, c2: int, k: tuple = (5, 9, 13), shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__(c1, c2, 1, shortcut, g, e)
-        c_ = int(c2 * e)
-        self.m = SPP(c_, c_, k)
-
-
-class SPPF(nn.Module):
-    """Fast SPP: three chained max-pools of size k, equivalent to SPP(k=(5, 9, 13)) for k=5."""
-
-    def __init__(self, c1: int, c2: int, k: int = 5):
-        super().__init__()
-        c_ = c1 // 2
-        self.cv1 = Conv(c1, c_, 1, 1)
-        self.cv2 = Conv(c_ * 4, c2, 1, 1)
-        self.m = nn.MaxPool2d(kernel_size=k, stride=1, padding=k // 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.cv1(x)
-        y1 = self.m(x)
-        y2 = self.m(y1)
-        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), 1))
-
-
-class Focus(nn.Module):
-    """Space-to-depth (2x2 pixels to channels) followed by a Conv (YOLOv5 v1-v5 stem)."""
-
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p=None, g: int = 1, act=True):
-        super().__init__()
-        self.conv = Conv(c1 * 4, c2, k, s, p, g, act=act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(torch.cat((x[..., ::2, ::2], x[..., 1::2, ::2], x[..., ::2, 1::2], x[..., 1::2, 1::2]), 1))
-
-
-class GhostConv(nn.Module):
-    """Ghost convolution (GhostNet): half the channels from a conv, half from a cheap 5x5 depthwise."""
-
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, g: int = 1, act=True):
-        super().__init__()
-        c_ = c2 // 2
-        self.cv1 = Conv(c1, c_, k, s, None, g, act=act)
-        self.cv2 = Conv(c_, c_, 5, 1, None, c_, act=act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.cv1(x)
-        return torch.cat((y, self.cv2(y)), 1)
-
-
-class GhostBottleneck(nn.Module):
-    """Ghost bottleneck (GhostNet); a strided variant downsamples both paths."""
-
-    def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1):
-        super().__init__()
-        c_ = c2 // 2
-        self.conv = nn.Sequential(
-            GhostConv(c1, c_, 1, 1),
-            DWConv(c_, c_, k, s, act=False) if s == 2 else nn.Identity(),
-            GhostConv(c_, c2, 1, 1, act=False),
-        )
-        self.shortcut = (
-            nn.Sequential(DWConv(c1, c1, k, s, act=False), Conv(c1, c2, 1, 1, act=False)) if s == 2 else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) + self.shortcut(x)
+    def inner_module(self, c: int, n: int, shortcut: bool, g: int) -> nn.Module:
+        return TransformerBlock(c, c, 4, n)
 
 
 class C3Ghost(C3):
-    """C3 whose bottlenecks are GhostBottlenecks."""
+    """C3 with :class:`GhostBottleneck` units."""
 
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__(c1, c2, n, shortcut, g, e)
-        c_ = int(c2 * e)
-        self.m = nn.Sequential(*(GhostBottleneck(c_, c_) for _ in range(n)))
+    @staticmethod
+    def unit(c: int, shortcut: bool, g: int) -> nn.Module:
+        return GhostBottleneck(c, c)
 
 
-class Contract(nn.Module):
-    """Space-to-depth by ``gain``: (b, c, h, w) -> (b, c * gain**2, h / gain, w / gain)."""
+class C3SPP(C3):
+    """C3 whose inner module is an :class:`SPP` with pool sizes ``k`` (so it takes ``k`` where C3 takes ``n``)."""
 
-    def __init__(self, gain: int = 2):
+    def __init__(self, c1: int, c2: int, k: Sequence[int] = (5, 9, 13), shortcut: bool = True, g: int = 1,
+                 e: float = 0.5):
+        CSPBlock.__init__(self, c1, c2, e, lambda c: SPP(c, c, k))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Transformer
+
+
+class TransformerLayer(nn.Module):
+    """Multi-head self-attention and a linear feed-forward (two bias-free layers, no activation), each added to
+    its input; no LayerNorm. Tokens come as (sequence, batch, c)."""
+
+    def __init__(self, c: int, num_heads: int):
         super().__init__()
-        self.gain = gain
+        self.q, self.k, self.v = (nn.Linear(c, c, bias=False) for _ in range(3))
+        self.ma = nn.MultiheadAttention(embed_dim=c, num_heads=num_heads)
+        self.fc1, self.fc2 = (nn.Linear(c, c, bias=False) for _ in range(2))
+
+    def attention(self, tokens: torch.Tensor) -> torch.Tensor:
+        query, key, value = (projection(tokens) for projection in (self.q, self.k, self.v))
+        return self.ma(query, key, value, need_weights=False)[0]
+
+    def feed_forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(tokens))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        s = self.gain
-        x = x.view(b, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4).contiguous()
-        return x.view(b, c * s * s, h // s, w // s)
+        for sublayer in (self.attention, self.feed_forward):
+            x = x + sublayer(x)
+        return x
 
 
-class Expand(nn.Module):
-    """Depth-to-space by ``gain``: (b, c, h, w) -> (b, c / gain**2, h * gain, w * gain)."""
+class TransformerBlock(nn.Module):
+    """Transformer over the pixels of a feature map (Dosovitskiy et al., "An Image is Worth 16x16 Words", 2021).
 
-    def __init__(self, gain: int = 2):
+    A Conv adapts the width when ``c1 != c2``; each pixel becomes a token, a learned linear position embedding is
+    added, ``num_layers`` :class:`TransformerLayer` run, and the tokens fold back into the map.
+    """
+
+    def __init__(self, c1: int, c2: int, num_heads: int, num_layers: int):
         super().__init__()
-        self.gain = gain
+        self.conv = Conv(c1, c2) if c1 != c2 else nn.Identity()
+        self.linear = nn.Linear(c2, c2)
+        self.tr = repeated(num_layers, lambda: TransformerLayer(c2, num_heads))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        s = self.gain
-        x = x.view(b, s, s, c // s**2, h, w).permute(0, 3, 4, 1, 5, 2).contiguous()
-        return x.view(b, c // s**2, h * s, w * s)
+        x = self.conv(x)
+        height, width = x.shape[-2:]
+        tokens = x.flatten(2).movedim(-1, 0)  # (h * w, batch, channels)
+        tokens = self.tr(tokens + self.linear(tokens))
+        return tokens.movedim(0, -1).unflatten(-1, (height, width))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Ghost blocks
+
+
+class GhostConv(nn.Module):
+    """Ghost convolution (Han et al., "GhostNet", CVPR 2020): a Conv makes half of ``c2``, a cheap 5x5 depth-wise
+    Conv on that half makes the other half; both halves are concatenated."""
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, g: int = 1, act: bool | nn.Module = True):
+        super().__init__()
+        self.cv1 = Conv(c1, c2 // 2, k, s, g=g, act=act)
+        intrinsic = self.cv1.conv.out_channels
+        self.cv2 = DWConv(intrinsic, intrinsic, 5, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        intrinsic = self.cv1(x)
+        ghosts = self.cv2(intrinsic)
+        return torch.cat((intrinsic, ghosts), dim=1)
+
+
+class GhostBottleneck(nn.Module):
+    """GhostNet bottleneck: GhostConv to ``c2 // 2``, linear GhostConv to ``c2``, plus the input.
+
+    With ``s == 2`` a linear depth-wise k x k Conv downsamples between the two GhostConvs, and the residual path
+    becomes a linear depth-wise k x k Conv (stride 2) and a linear 1x1 Conv to ``c2``.
+    """
+
+    def __init__(self, c1: int, c2: int, k: int = 3, s: int = 1):
+        super().__init__()
+        resample = partial(DWConv, k=k, s=s, act=False) if s == 2 else None
+
+        def resampled(c: int) -> nn.Module:
+            return nn.Identity() if resample is None else resample(c, c)
+
+        half = c2 // 2
+        self.conv = nn.Sequential(GhostConv(c1, half), resampled(half), GhostConv(half, c2, act=False))
+        self.shortcut = nn.Identity() if resample is None else nn.Sequential(resample(c1, c1), Conv(c1, c2, act=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.shortcut(x)
+# ---------------------------------------------------------------------------------------------------------------------
+# Spatial pyramid pooling
+
+
+class SPP(nn.Module):
+    """Spatial pyramid pooling (He et al., "SPPNet", 2015, in YOLOv3's stride-1 form), for any odd pool sizes.
+
+    ``cv1`` (1x1) halves the channels; its output and its max-pools at sizes ``k`` (stride 1, size-preserving)
+    are concatenated in that order, and ``cv2`` (1x1) maps them to ``c2``. The pools run as one chain
+    (:func:`pool_chain`), each taken from the previous one.
+    """
+
+    def __init__(self, c1: int, c2: int, k: Sequence[int] = (5, 9, 13)):
+        super().__init__()
+        self.steps, self.position = pool_chain(tuple(k))
+        self.cv1 = Conv(c1, c1 // 2)
+        self.cv2 = Conv((1 + len(self.steps)) * self.cv1.conv.out_channels, c2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        chain = [self.cv1(x)]
+        for size in self.steps:
+            chain.append(F.max_pool2d(chain[-1], size, 1, size // 2))
+        return self.cv2(torch.cat([chain[0], *(chain[1 + p] for p in self.position)], 1))
+
+
+class SPPF(SPP):
+    """SPP as three chained pools of size ``k``: the pool sizes ``k``, ``2k - 1`` and ``3k - 2`` (k = 5 gives
+    SPP's default 5, 9, 13, with the same output)."""
+
+    def __init__(self, c1: int, c2: int, k: int = 5):
+        super().__init__(c1, c2, [j * (k - 1) + 1 for j in (1, 2, 3)])
+
+
+def pool_chain(sizes: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """How to compute stride-1 'same' max-pools of several odd ``sizes`` as one chain of pools.
+
+    A max-pool of size ``a`` after one of size ``b`` is exactly a max-pool of size ``a + b - 1`` (the windows
+    compose, and at the borders both clip to the map). So the pools are taken in increasing size, each from the
+    previous one. Returns (the chain's pool sizes, for each requested size its position in the chain).
+    """
+    if any(s < 1 or s % 2 == 0 for s in sizes):
+        raise ValueError(f"pool sizes must be odd and positive to keep the map size, got {tuple(sizes)}")
+    ascending = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    steps, reach = [], 1
+    for i in ascending:
+        steps.append(sizes[i] - reach + 1)
+        reach = sizes[i]
+    position = [0] * len(sizes)
+    for rank, i in enumerate(ascending):
+        position[i] = rank
+    return tuple(steps), tuple(position)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tensor plumbing: concatenation and space / depth rearrangements
 
 
 class Concat(nn.Module):
-    """Concatenate a list of tensors along ``dimension``."""
+    """Concatenation of a list of tensors along ``dimension`` (a YAML row with several inputs)."""
 
     def __init__(self, dimension: int = 1):
         super().__init__()
         self.d = dimension
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat(x, self.d)
+        return torch.cat(x, dim=self.d)
+
+
+def _space_to_depth(x: torch.Tensor, gain: int, phase_order: tuple[int, int, int]) -> torch.Tensor:
+    """Each ``gain`` x ``gain`` cell of pixels becomes channels, grouped by pixel phase.
+
+    ``pixel_unshuffle`` orders the output channels as (channel, row phase, column phase); ``phase_order`` is the
+    permutation of those three axes wanted instead, slowest first (0 channel, 1 row phase, 2 column phase).
+    """
+    y = F.pixel_unshuffle(x, gain)
+    axes = y.unflatten(1, (x.shape[1], gain, gain))
+    return axes.permute(0, *(1 + a for a in phase_order), 4, 5).flatten(1, 3)
+
+
+class PixelRearrange(nn.Module):
+    """Base of :class:`Contract` and :class:`Expand`: moves ``gain`` x ``gain`` pixel cells to or from channels."""
+
+    def __init__(self, gain: int = 2):
+        super().__init__()
+        self.gain = gain
+
+
+class Contract(PixelRearrange):
+    """Space-to-depth by ``gain``: (b, c, h, w) -> (b, c * gain**2, h / gain, w / gain), channels grouped by
+    pixel phase (row phase slowest)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _space_to_depth(x, self.gain, (1, 2, 0))
+
+
+class Expand(PixelRearrange):
+    """Depth-to-space by ``gain``, the inverse of :class:`Contract`: (b, c, h, w) -> (b, c / gain**2, h * gain,
+    w * gain)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        phases = self.gain * self.gain
+        by_channel = x.unflatten(1, (phases, x.shape[1] // phases)).transpose(1, 2).flatten(1, 2)
+        return F.pixel_shuffle(by_channel, self.gain)
+
+
+class Focus(nn.Module):
+    """YOLOv5's early stem: the four pixel phases of each 2 x 2 cell stacked as channels (column phase slowest),
+    then a Conv."""
+
+    phase_order = (2, 1, 0)  # for _space_to_depth: column phase, row phase, channel
+
+    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, p=None, g: int = 1, act: bool | nn.Module = True):
+        super().__init__()
+        stacked = 4 * c1
+        self.conv = Conv(stacked, c2, k, s, p=p, g=g, act=act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stacked = _space_to_depth(x, 2, self.phase_order)
+        return self.conv(stacked)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from collections.abc import Mapping
 
 import pytest
 import torch
 import torch.nn as nn
 
+from models import common
 from models.common import BatchNorm2d, Conv
 from models.yolo import BackboneSlot, DetectionModel, ModelConfigError, find_model_yaml
-from tests.helpers import SHARED, fold_error, n_params, randomize_bn
+from tests.helpers import SHARED, fold_error, n_params, randomize_bn, rel_error, reparameterize_all
 
 SIZES = ["yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x"]
 
@@ -286,3 +289,209 @@ def test_channels_last_batch_norm_with_frozen_affine_parameters():
         assert bn.weight.grad is None and bn.bias.grad is None
         grads.append(xi.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-4)
+
+
+# ---- the standard blocks: upstream's module layout, folding, the generic formulations -------------------------------
+# (constructor, input shape, the modules that own state_dict entries, in upstream's order)
+CORE_BLOCKS = {
+    "Conv": (lambda: common.Conv(8, 16, 3, 2), (2, 8, 12, 12), ["conv", "bn"]),
+    "DWConv": (lambda: common.DWConv(8, 16, 3, 2), (2, 8, 12, 12), ["conv", "bn"]),
+    "Bottleneck": (lambda: common.Bottleneck(8, 8), (2, 8, 10, 10), ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn"]),
+    "CrossConv": (lambda: common.CrossConv(8, 8, 3, 1, 1, 1.0, True), (2, 8, 10, 10),
+                  ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn"]),
+    "BottleneckCSP": (lambda: common.BottleneckCSP(8, 16, 1), (2, 8, 10, 10),
+                      ["cv1.conv", "cv1.bn", "cv2", "cv3", "cv4.conv", "cv4.bn", "bn",
+                       "m.0.cv1.conv", "m.0.cv1.bn", "m.0.cv2.conv", "m.0.cv2.bn"]),
+    "C3": (lambda: common.C3(8, 16, 1), (2, 8, 10, 10),
+           ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn", "cv3.conv", "cv3.bn",
+            "m.0.cv1.conv", "m.0.cv1.bn", "m.0.cv2.conv", "m.0.cv2.bn"]),
+    "C3x": (lambda: common.C3x(16, 16, 1, False), (2, 16, 10, 10),
+            ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn", "cv3.conv", "cv3.bn",
+             "m.0.cv1.conv", "m.0.cv1.bn", "m.0.cv2.conv", "m.0.cv2.bn"]),
+    "C3TR": (lambda: common.C3TR(8, 16, 1), (2, 8, 5, 6),
+             ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn", "cv3.conv", "cv3.bn", "m.linear", "m.tr.0.q", "m.tr.0.k",
+              "m.tr.0.v", "m.tr.0.ma", "m.tr.0.ma.out_proj", "m.tr.0.fc1", "m.tr.0.fc2"]),
+    "TransformerBlock": (lambda: common.TransformerBlock(8, 16, 4, 1), (2, 8, 5, 6),
+                         ["conv.conv", "conv.bn", "linear", "tr.0.q", "tr.0.k", "tr.0.v", "tr.0.ma", "tr.0.ma.out_proj",
+                          "tr.0.fc1", "tr.0.fc2"]),
+    "SPP": (lambda: common.SPP(16, 32), (2, 16, 10, 10), ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn"]),
+    "SPPF": (lambda: common.SPPF(16, 32, 5), (2, 16, 10, 10), ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn"]),
+    "C3SPP": (lambda: common.C3SPP(16, 32), (2, 16, 10, 10),
+              ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn", "cv3.conv", "cv3.bn",
+               "m.cv1.conv", "m.cv1.bn", "m.cv2.conv", "m.cv2.bn"]),
+    "Focus": (lambda: common.Focus(3, 16, 3), (2, 3, 16, 16), ["conv.conv", "conv.bn"]),
+    "GhostConv": (lambda: common.GhostConv(8, 16, 3, 2), (2, 8, 12, 12), ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn"]),
+    "GhostBottleneck": (lambda: common.GhostBottleneck(16, 32, 3, 2), (2, 16, 10, 10),
+                        ["conv.0.cv1.conv", "conv.0.cv1.bn", "conv.0.cv2.conv", "conv.0.cv2.bn", "conv.1.conv",
+                         "conv.1.bn", "conv.2.cv1.conv", "conv.2.cv1.bn", "conv.2.cv2.conv", "conv.2.cv2.bn",
+                         "shortcut.0.conv", "shortcut.0.bn", "shortcut.1.conv", "shortcut.1.bn"]),
+    "C3Ghost": (lambda: common.C3Ghost(8, 16, 1), (2, 8, 10, 10),
+                ["cv1.conv", "cv1.bn", "cv2.conv", "cv2.bn", "cv3.conv", "cv3.bn", "m.0.conv.0.cv1.conv",
+                 "m.0.conv.0.cv1.bn", "m.0.conv.0.cv2.conv", "m.0.conv.0.cv2.bn", "m.0.conv.2.cv1.conv",
+                 "m.0.conv.2.cv1.bn", "m.0.conv.2.cv2.conv", "m.0.conv.2.cv2.bn"]),
+}
+
+
+def state_owners(module: nn.Module) -> list[str]:
+    """Paths of the modules that hold state_dict entries, in state_dict order."""
+    owners = []
+    for key in module.state_dict():
+        owner = key.rpartition(".")[0]
+        if owner not in owners:
+            owners.append(owner)
+    return owners
+
+
+@pytest.mark.parametrize("name", list(CORE_BLOCKS))
+def test_core_block_layout_and_fold_equivalence(name):
+    """Upstream's module nesting (so its checkpoints load), and every block folds with unchanged outputs, leaving
+    no BatchNorm."""
+    make, shape, owners = CORE_BLOCKS[name]
+    torch.manual_seed(0)
+    block = randomize_bn(make())
+    assert state_owners(block) == owners
+    x = torch.randn(shape)
+    assert fold_error(block, x) < 1e-5
+    folded = reparameterize_all(copy.deepcopy(block))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(m.folded for m in folded.modules() if isinstance(m, common.Reparameterizable))
+
+
+def reference_pools(x: torch.Tensor, sizes) -> list[torch.Tensor]:
+    return [nn.MaxPool2d(k, 1, k // 2)(x) for k in sizes]
+
+
+@pytest.mark.parametrize("sizes", [(5, 9, 13), (3, 7), (9, 5, 13), (5, 5, 3), (1, 15)])
+def test_spp_chained_pools_equal_parallel_pools(sizes):
+    """SPP computes its pools as one chain; the concatenation is exactly [x, pool_k(x) for k in sizes]."""
+    torch.manual_seed(0)
+    spp = randomize_bn(common.SPP(8, 16, sizes)).eval()
+    x = torch.randn(2, 8, 11, 13)
+    seen = []
+    spp.cv2.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
+    with torch.no_grad():
+        spp(x)
+        hidden = spp.cv1(x)
+    assert torch.equal(seen[0], torch.cat([hidden, *reference_pools(hidden, sizes)], 1))
+
+
+def test_sppf_is_spp_5_9_13_and_even_pools_are_refused():
+    torch.manual_seed(0)
+    sppf = randomize_bn(common.SPPF(16, 32, 5)).eval()
+    spp = common.SPP(16, 32, (5, 9, 13)).eval()
+    spp.load_state_dict(sppf.state_dict())
+    x = torch.randn(1, 16, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(sppf(x), spp(x))
+    with pytest.raises(ValueError, match="odd"):
+        common.SPP(16, 32, (5, 8))
+
+
+def test_space_depth_rearrangements():
+    """Focus stacks the pixel phases (0,0), (1,0), (0,1), (1,1) (row, column); Contract orders them row-major;
+    Expand inverts Contract."""
+    x = torch.randn(2, 3, 8, 12)
+    focus_order = [x[..., r::2, c::2] for c, r in ((0, 0), (0, 1), (1, 0), (1, 1))]
+    assert torch.equal(common._space_to_depth(x, 2, common.Focus.phase_order), torch.cat(focus_order, 1))
+    focus = common.Focus(3, 8, act=False).eval()
+    with torch.no_grad():
+        assert torch.equal(focus(x), focus.conv(torch.cat(focus_order, 1)))
+    for gain in (2, 4):
+        contracted = common.Contract(gain)(x)
+        phases = [x[..., r::gain, c::gain] for r in range(gain) for c in range(gain)]
+        assert torch.equal(contracted, torch.cat(phases, 1))
+        assert torch.equal(common.Expand(gain)(contracted), x)
+
+
+# ---- the re-parameterization protocol, across every family --------------------------------------------------------
+def family_modules() -> list:
+    import importlib
+    import pkgutil
+
+    import models.modules
+
+    return [importlib.import_module(f"models.modules.{m.name}") for m in pkgutil.iter_modules(models.modules.__path__)]
+
+
+def reparameterizable_examples() -> dict[type, tuple]:
+    """One small instance (and an input shape) of every Reparameterizable class of the project."""
+    from models.modules import gfpn, repghost, replknet, repvgg
+
+    return {
+        common.ConvBN: (lambda: common.ConvBN(8, 16, 3, 2, g=2), (2, 8, 9, 9)),
+        common.Conv: (lambda: common.Conv(8, 16, 3), (2, 8, 9, 9)),
+        common.DWConv: (lambda: common.DWConv(8, 8, 5), (2, 8, 9, 9)),
+        common.BottleneckCSP: (lambda: common.BottleneckCSP(8, 16, 2), (2, 8, 9, 9)),
+        repvgg.RepVGGBlock: (lambda: repvgg.RepVGGBlock(8, 8, use_se=True), (2, 8, 9, 9)),
+        repghost.RepGhostModule: (lambda: repghost.RepGhostModule(8, 16, reparam_identity=True), (2, 8, 9, 9)),
+        gfpn.RepConv: (lambda: gfpn.RepConv(8, 16, 3, 2), (2, 8, 9, 9)),
+        gfpn.ConvBNAct: (lambda: gfpn.ConvBNAct(8, 16, 3), (2, 8, 9, 9)),
+        replknet.ReparamLargeKernelConv: (lambda: replknet.ReparamLargeKernelConv(8, 8, 13, 1, 8, 5), (2, 8, 16, 16)),
+        replknet.RepLKBlock: (lambda: replknet.RepLKBlock(8, 16, 13, 5, 0.0), (2, 8, 16, 16)),
+        replknet.ConvFFN: (lambda: replknet.ConvFFN(8, 32, 8, 0.0), (2, 8, 16, 16)),
+    }
+
+
+def all_reparameterizable_classes() -> set[type]:
+    family_modules()  # import every family so that its classes exist
+    found, todo = set(), [common.Reparameterizable]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub.__module__.startswith("models.") and sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return found
+
+
+def test_every_reparameterizable_class_has_an_example():
+    assert all_reparameterizable_classes() == set(reparameterizable_examples())
+
+
+@pytest.mark.parametrize("cls", list(reparameterizable_examples()), ids=lambda c: c.__name__)
+def test_reparameterization_protocol(cls):
+    """``folded`` flips with ``reparameterize()``, which is idempotent and keeps outputs; ``folded_kernel_bias()``
+    (where a block has it) is the same kernel and bias before and after."""
+    make, shape = reparameterizable_examples()[cls]
+    torch.manual_seed(0)
+    block = randomize_bn(make()).eval()
+    x = torch.randn(shape)
+    assert not block.folded
+    with torch.no_grad():
+        before = block(x)
+        kernel_bias = [t.clone() for t in block.folded_kernel_bias()] if hasattr(block, "folded_kernel_bias") else []
+        block.reparameterize()
+        assert block.folded and not any(isinstance(m, nn.BatchNorm2d) for m in block.modules())
+        assert rel_error(block(x), before) < 1e-5
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        block.reparameterize()
+        assert state.keys() == block.state_dict().keys()
+        assert all(torch.equal(v, block.state_dict()[k]) for k, v in state.items())
+        if kernel_bias:
+            for was, now in zip(kernel_bias, block.folded_kernel_bias()):
+                assert rel_error(now, was) < 1e-6
+
+
+def test_one_protocol_vocabulary():
+    """No family keeps a second name for the folded kernel or for 'is it folded'."""
+    legacy = ("equivalent_kernel_bias", "folded_cheap_kernel_bias", "has_branches")
+    for cls in all_reparameterizable_classes():
+        assert not any(hasattr(cls, name) for name in legacy), cls
+
+
+def test_variants_are_declared_one_way():
+    """Every family with named sizes: VARIANTS maps names to constructor keyword arguments, and each variant is the
+    YAML backbone '<family>_<name>' built from them (with keyword overrides)."""
+    families = [m for m in family_modules() if hasattr(m, "VARIANTS")]
+    assert {m.__name__.rsplit(".", 1)[1] for m in families} >= {"repvgg", "revcol"}
+    for family in families:
+        prefix = family.__name__.rsplit(".", 1)[1]
+        for name, kwargs in family.VARIANTS.items():
+            assert isinstance(kwargs, Mapping) and all(isinstance(k, str) for k in kwargs)
+            constructor, kind = family.YAML_MODULES[f"{prefix}_{name}"]
+            assert kind == "backbone" and constructor.__name__ == f"{prefix}_{name}"
+            assert constructor.__module__ == family.__name__
+    from models.modules import revcol
+
+    with torch.device("meta"):
+        tiny = revcol.YAML_MODULES["revcol_tiny"][0](4, num_subnet=2, save_memory=False)
+    assert tiny.num_subnet == 2 and tiny.stem[0].in_channels == 4 and tiny.channels == [64, 128, 256, 512]

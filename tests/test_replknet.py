@@ -33,7 +33,7 @@ def test_reparam_large_kernel_conv_folds(small_kernel, groups):
     assert fold_error(module, torch.randn(2, 8, 20, 28)) < FOLD_TOL
     module.eval().reparameterize()
     module.reparameterize()  # idempotent
-    assert not batchnorms(module) and not hasattr(module, "lkb_origin") and not hasattr(module, "small_conv")
+    assert module.folded and not batchnorms(module) and module.lkb_origin is None and module.small_conv is None
     assert isinstance(module.lkb_reparam, LargeKernelDepthwiseConv2d) and module.lkb_reparam.bias is not None
 
 
@@ -200,4 +200,4 @@ def test_tiny_yaml_fuses_to_the_same_outputs():
         after = fused(x)[0]
     assert (after - before).abs().max() / before.abs().max() < FOLD_TOL
     assert not batchnorms(fused)
-    assert all(hasattr(m, "lkb_reparam") for m in fused.modules() if isinstance(m, ReparamLargeKernelConv))
+    assert all(m.lkb_reparam is not None for m in fused.modules() if isinstance(m, ReparamLargeKernelConv))

@@ -44,7 +44,7 @@ def folded_copy(model: nn.Module) -> nn.Module:
 def assert_plain(model: nn.Module) -> None:
     """No BatchNorm and no RepVGG block that still has branches."""
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    assert not any(isinstance(m, RepVGGBlock) and m.has_branches for m in model.modules())
+    assert not any(isinstance(m, RepVGGBlock) and not m.folded for m in model.modules())
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_backbone_matches_timm(variant):
     assert n_params(ours) == n_params(reference)
     assert ours.channels == reference.feature_info.channels()
     n_se = sum(isinstance(m, SEModule) for m in ours.modules())
-    assert n_se == (1 + sum(VARIANTS[variant][0]) if variant == "d2se" else 0)
+    assert n_se == (1 + sum(VARIANTS[variant]["depths"]) if variant == "d2se" else 0)
 
 
 def test_grouped_layers_are_2_to_26():

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
 
-from models.modules.revcol import VARIANTS, YAML_MODULES, FullNet, SubNet, revcol_tiny
-from tests.helpers import ROOT, n_params, rel_error
+from models.modules.revcol import BACKBONES, VARIANTS, YAML_MODULES, FullNet, SubNet
+from tests.helpers import n_params, rel_error
 
 SMALL = {"channels": [8, 16, 24, 32], "layers": [1, 2, 2, 1], "num_subnet": 3}
 
@@ -112,7 +111,7 @@ def test_reversible_gradients_match_plain_with_droppath():
 
 
 def test_reversible_gradients_match_plain_revcol_tiny():
-    plain, reversible = plain_and_reversible(revcol_tiny)
+    plain, reversible = plain_and_reversible(BACKBONES["revcol_tiny"])
     assert_same_training(plain, reversible, torch.randn(1, 3, 64, 64))
 
 
@@ -171,12 +170,11 @@ def test_reversible_under_autocast_bf16():
 
 
 def test_memory_reversible_clearly_below_plain(monkeypatch):
-    """benchmarks/revcol_memory.py's measurement (one subprocess per mode) on a small, activation-heavy network."""
+    """python -m benchmarks revcol-memory's measurement (one subprocess per mode) on a small, activation-heavy
+    network."""
+    from benchmarks import revcol_memory as benchmark
+
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the workers
-    # loaded by path: the top-level benchmarks.py shadows the benchmarks/ folder as a package
-    spec = importlib.util.spec_from_file_location("revcol_memory", ROOT / "benchmarks" / "revcol_memory.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
     config = {"channels": [32, 64, 128, 256], "layers": [2, 1, 1, 1], "num_subnet": 4, "drop_path": 0.1}
     result = benchmark.measure(config, batch=2, img=256)
     plain, reversible = result["plain"], result["reversible"]

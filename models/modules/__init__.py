@@ -4,12 +4,17 @@ Contract every family file follows (``models/yolo.py`` relies on it):
 
 - The file's docstring cites the paper; it imports only torch, timm and ``models.common``
   (for the shared folding primitives ``ConvBN``, ``fold_bn``, ``pad_kernel``, ``identity_kernel``,
-  ``bn_as_conv``, ``make_conv``).
-- Re-parameterization: a module that trains with branches implements ``reparameterize(self) -> None``
-  (timm's name), in place and idempotent; afterwards its eval-mode output is unchanged and it holds
-  no BatchNorm and no parallel branch of its own. ``model.fuse()`` walks the module tree parent
-  first and calls ``reparameterize()`` on every module that has it, so a parent may rely on its
-  children's ``folded_kernel_bias()`` whether or not they are folded yet.
+  ``bn_as_conv``, ``make_conv`` and the protocol below).
+- Re-parameterization: a module that trains with branches (or conv + BatchNorm) subclasses
+  ``models.common.Reparameterizable`` and implements ``_fold()``. That gives it ``reparameterize()``
+  (timm's name; in place, idempotent, children included; the eval-mode output is unchanged) and the
+  ``folded`` property (no BatchNorm, hence no training branch, left). A module equal to one
+  convolution also implements ``folded_kernel_bias()``, that convolution's kernel and bias, valid
+  before and after folding. ``model.fuse()`` walks the module tree parent first and calls
+  ``reparameterize()`` on every module that has it.
+- Variants: a family with named sizes declares ``VARIANTS: dict[str, dict]`` (variant name -> constructor
+  keyword arguments) and registers one YAML constructor per variant, ``<family>_<variant>(c1=3, **overrides)``,
+  made by ``models.common.variant_constructors``.
 - ``YAML_MODULES: dict[str, tuple[callable, str]]`` maps each name usable in a model YAML to its
   constructor and its argument convention (``kind``) for a row ``[from, n, name, args]``:
 

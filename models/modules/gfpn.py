@@ -25,7 +25,7 @@ from types import MappingProxyType
 import torch
 import torch.nn as nn
 
-from models.common import ConvBN, make_conv, pad_kernel
+from models.common import ConvBN, Reparameterizable, pad_kernel
 
 ACTIVATIONS = MappingProxyType({
     "relu": nn.ReLU,
@@ -57,8 +57,8 @@ class ConvBNAct(ConvBN):
         return self.act(super().forward(x))
 
 
-class RepConv(nn.Module):
-    """``act(conv_bn_kxk(x) + conv_bn_1x1(x))``, no identity branch; folds to one k x k conv."""
+class RepConv(Reparameterizable):
+    """``act(conv_bn_kxk(x) + conv_bn_1x1(x))``, no identity branch; folds to one k x k conv in ``rbr_dense``."""
 
     def __init__(self, c1: int, c2: int, k: int = 3, stride: int = 1, act: str | None = "relu"):
         super().__init__()
@@ -74,17 +74,14 @@ class RepConv(nn.Module):
 
     def folded_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel and bias of the single conv equal to both branches (eval mode)."""
+        if self.rbr_1x1 is None:
+            return self.rbr_dense.weight, self.rbr_dense.bias
         kernel, bias = self.rbr_dense.folded_kernel_bias()
         kernel_1x1, bias_1x1 = self.rbr_1x1.folded_kernel_bias()
         return kernel + pad_kernel(kernel_1x1, kernel.shape[-1]), bias + bias_1x1
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Replace both branches by one biased conv (idempotent)."""
-        if self.rbr_1x1 is None:
-            return
-        self.rbr_dense = make_conv(self.rbr_dense.conv, *self.folded_kernel_bias())
-        self.rbr_1x1 = None
+    def _fold(self) -> None:
+        self._replace_by_conv("rbr_dense", self.rbr_dense.conv, drop=("rbr_1x1",))
 
 
 class BasicBlock_3x3_Reverse(nn.Module):  # noqa: N801 (DAMO-YOLO's name)

@@ -1,16 +1,16 @@
 """Fast 'same'-padded depthwise convolution with large kernels on the CPU.
 
-PyTorch's CPU depthwise convolution (oneDNN) runs at a few GFLOP/s once the kernel is larger than
-13x13, and its backward pass is slower still, which makes RepLKNet's 31x31 kernels the bottleneck
-of the whole network. For stride 1, dilation 1 and 'same' zero padding the convolution is a
+PyTorch's CPU depthwise convolution (oneDNN) gets slow for kernels much larger than 13x13, its
+backward pass more so, which makes RepLKNet's 31x31 kernels the bottleneck of the whole network
+(figures in docs/BENCHMARKS.md). For stride 1, dilation 1 and 'same' zero padding the convolution is a
 per-channel cross-correlation, so it can be computed exactly through the FFT: the cost no longer
 grows with the kernel area. A custom autograd Function keeps the spectra of the input and kernel
 for the backward pass, which then needs one forward and two inverse FFTs (input gradient: the
 output gradient correlated with the flipped kernel; weight gradient: the input correlated with the
 output gradient, summed over the batch in the frequency domain).
 
-:func:`depthwise_conv2d` picks the FFT or ``F.conv2d`` per call from thresholds measured on a
-2-core AVX-512 machine (``benchmarks/large_kernel.py``). ``F.conv2d`` is always used on CUDA (cuDNN),
+:func:`depthwise_conv2d` picks the FFT or ``F.conv2d`` per call from size thresholds
+taken from ``python -m benchmarks large-kernel`` on a 2-core AVX-512 CPU. ``F.conv2d`` is always used on CUDA (cuDNN),
 for dtypes other than float32/float64 and while tracing, scripting, compiling, exporting or FLOP
 counting, so exported graphs and counts show standard convolutions. :class:`LargeKernelDepthwiseConv2d` is an
 ``nn.Conv2d`` (same parameters and state_dict keys) whose forward uses it.

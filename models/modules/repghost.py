@@ -18,11 +18,16 @@ import torch
 import torch.nn as nn
 from timm.layers import SEModule, make_divisible
 
-from models.common import C3, BatchNorm2d, Conv, ConvBN, bn_as_conv, identity_kernel, make_conv
+from models.common import C3, BatchNorm2d, Conv, ConvBN, Reparameterizable, bn_as_conv, identity_kernel
 
 
-class RepGhostModule(nn.Module):
-    """Primary conv, then ``act(cheap_dw(x1) + BN(x1) [+ x1])``: a sum, not a Ghost concatenation."""
+class RepGhostModule(Reparameterizable):
+    """Primary Conv, then ``act(cheap_dw(x1) + BN(x1) [+ x1])``: a sum, not a Ghost concatenation.
+
+    The cheap depth-wise conv+BN and its fusion branches (a BatchNorm, optionally a plain identity) make up the
+    re-parameterizable part: ``folded_kernel_bias()`` is the one depth-wise kernel and bias they equal, and
+    :meth:`reparameterize` puts that conv in ``cheap`` (and folds the primary Conv's BatchNorm too).
+    """
 
     def __init__(
         self,
@@ -51,8 +56,9 @@ class RepGhostModule(nn.Module):
             y = y + x1
         return self.act(y)
 
-    def folded_cheap_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Depthwise kernel and bias equal to the cheap conv plus the fusion branches (eval mode)."""
+    def folded_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.cheap, nn.Conv2d):
+            return self.cheap.weight, self.cheap.bias
         kernel, bias = self.cheap.folded_kernel_bias()
         channels, size = kernel.shape[0], kernel.shape[-1]
         if self.fusion_bn is not None:
@@ -62,14 +68,10 @@ class RepGhostModule(nn.Module):
             kernel = kernel + identity_kernel(channels, channels, size, kernel)
         return kernel, bias
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold cheap conv + fusion branches into one biased depthwise conv (the primary conv keeps its BN)."""
-        if isinstance(self.cheap, nn.Conv2d):
-            return
-        self.cheap = make_conv(self.cheap.conv, *self.folded_cheap_kernel_bias())
-        self.fusion_bn = None
-        self.fusion_identity = False
+    def _fold(self) -> None:
+        if not isinstance(self.cheap, nn.Conv2d):
+            self._replace_by_conv("cheap", self.cheap.conv, drop=("fusion_bn",))
+            self.fusion_identity = False
 
 
 class RepGhostBottleneck(nn.Module):
@@ -114,12 +116,11 @@ def repghost_bottleneck_row(
 
 
 class C3RepGhost(C3):
-    """C3 whose bottlenecks are RepGhostBottlenecks ``c_ -> c_ -> c_`` (identity residual unless ``shortcut=False``)."""
+    """C3 whose units are RepGhostBottlenecks ``c_ -> c_ -> c_`` (identity residual unless ``shortcut=False``)."""
 
-    def __init__(self, c1: int, c2: int, n: int = 1, shortcut: bool = True, g: int = 1, e: float = 0.5):
-        super().__init__(c1, c2, 0, shortcut, g, e)
-        c_ = int(c2 * e)
-        self.m = nn.Sequential(*(RepGhostBottleneck(c_, c_, c_, shortcut=shortcut) for _ in range(n)))
+    @staticmethod
+    def unit(c: int, shortcut: bool, g: int) -> nn.Module:
+        return RepGhostBottleneck(c, c, c, shortcut=shortcut)
 
 
 YAML_MODULES = {

@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
-from models.common import BatchNorm2d, Conv, ConvBN, fold_bn, make_conv, pad_kernel
+from models.common import BatchNorm2d, Conv, ConvBN, Reparameterizable, fold_bn, make_conv, pad_kernel
 from models.modules.large_kernel import LargeKernelDepthwiseConv2d
 
 LOGGER = logging.getLogger(__name__)
@@ -69,18 +69,17 @@ def conv_bn_relu(cin: int, cout: int, k: int = 1, s: int = 1, g: int = 1) -> Con
 
 @torch.no_grad()
 def absorb_input_bn(bn: nn.BatchNorm2d, layer: ConvBN) -> None:
-    """Fold ``bn`` (applied right before ``layer``, a 1x1 ConvBN) into ``layer``'s conv; drop ``layer``'s BN.
+    """Fold ``bn`` (applied right before ``layer``, a 1x1 ConvBN) into ``layer``'s conv; ``layer``'s BN goes too.
 
     Exact because a 1x1 convolution sees no zero padding: W (s x + t) + b = (W s) x + (W t + b).
     """
     kernel, bias = layer.folded_kernel_bias()
     scale, shift = fold_bn(torch.ones_like(bn.running_var), bn)
     layer.conv = make_conv(layer.conv, kernel * scale.view(1, -1, 1, 1), bias + kernel.flatten(1) @ shift)
-    if hasattr(layer, "bn"):
-        del layer.bn
+    layer.bn = None
 
 
-class ReparamLargeKernelConv(nn.Module):
+class ReparamLargeKernelConv(Reparameterizable):
     """Large-kernel conv_bn (``lkb_origin``) plus a parallel small-kernel conv_bn (``small_conv``).
 
     :meth:`reparameterize` folds both into ``lkb_reparam``, one biased large-kernel conv that keeps the
@@ -95,6 +94,7 @@ class ReparamLargeKernelConv(nn.Module):
         if small_kernel is not None and small_kernel > k:
             raise ValueError(f"small_kernel {small_kernel} must not exceed the large kernel {k}")
         self.kernel_size = k
+        self.lkb_origin = self.small_conv = self.lkb_reparam = None
         if small_kernel_merged:
             self.lkb_reparam = large_kernel_conv(cin, cout, k, stride, groups, bias=True)
             return
@@ -104,40 +104,36 @@ class ReparamLargeKernelConv(nn.Module):
             self.small_conv = ConvBN(cin, cout, small_kernel, stride, small_kernel // 2, groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "lkb_reparam"):
+        if self.lkb_reparam is not None:
             return self.lkb_reparam(x)
         out = self.lkb_origin(x)
-        return out + self.small_conv(x) if hasattr(self, "small_conv") else out
+        return out if self.small_conv is None else out + self.small_conv(x)
 
     def folded_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel and bias of the single conv this module equals in eval mode."""
-        if hasattr(self, "lkb_reparam"):
+        if self.lkb_reparam is not None:
             return self.lkb_reparam.weight, self.lkb_reparam.bias
         kernel, bias = self.lkb_origin.folded_kernel_bias()
-        if hasattr(self, "small_conv"):
+        if self.small_conv is not None:
             small_kernel, small_bias = self.small_conv.folded_kernel_bias()
             kernel, bias = kernel + pad_kernel(small_kernel, self.kernel_size), bias + small_bias
         return kernel, bias
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold both branches and their BatchNorms into ``lkb_reparam`` (idempotent)."""
-        if hasattr(self, "lkb_reparam"):
-            return
-        kernel, bias = self.folded_kernel_bias()
-        template = self.lkb_origin.conv
+    def _fold(self) -> None:
+        self._replace_by_conv("lkb_reparam", self.lkb_origin.conv, drop=("lkb_origin", "small_conv"),
+                              build=self._large_kernel_like)
+
+    def _large_kernel_like(self, template: nn.Module, kernel: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+        """A biased large-kernel conv (same implementation choice as the branch) holding ``kernel`` and ``bias``."""
         conv = large_kernel_conv(
             template.in_channels, template.out_channels, self.kernel_size, template.stride[0], template.groups, True
         ).to(device=kernel.device, dtype=kernel.dtype)
         conv.weight.copy_(kernel)
         conv.bias.copy_(bias)
-        self.lkb_reparam = conv
-        del self.lkb_origin
-        if hasattr(self, "small_conv"):
-            del self.small_conv
+        return conv
 
 
-class ConvFFN(nn.Module):
+class ConvFFN(Reparameterizable):
     """Pre-BN feed-forward block: x + DropPath(conv_bn 1x1 -> GELU -> conv_bn 1x1 (BN(x)))."""
 
     def __init__(self, cin: int, cinternal: int, cout: int, drop_path: float):
@@ -149,19 +145,17 @@ class ConvFFN(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.preffn_bn(x) if hasattr(self, "preffn_bn") else x
+        out = x if self.preffn_bn is None else self.preffn_bn(x)
         return x + self.drop_path(self.pw2(self.nonlinear(self.pw1(out))))
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the pre-BN and the BNs of both 1x1 convs into the convs (idempotent)."""
-        if hasattr(self, "preffn_bn"):
+    def _fold(self) -> None:
+        """The pre-BN goes into ``pw1`` (with ``pw1``'s own BN); ``pw2`` folds itself."""
+        if self.preffn_bn is not None:
             absorb_input_bn(self.preffn_bn, self.pw1)
-            del self.preffn_bn
-        self.pw2.reparameterize()
+            self.preffn_bn = None
 
 
-class RepLKBlock(nn.Module):
+class RepLKBlock(Reparameterizable):
     """Pre-BN large-kernel block: x + DropPath(conv_bn 1x1 (ReLU (large depthwise (conv_bn_relu 1x1 (BN(x)))))."""
 
     def __init__(
@@ -176,18 +170,15 @@ class RepLKBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.prelkb_bn(x) if hasattr(self, "prelkb_bn") else x
+        out = x if self.prelkb_bn is None else self.prelkb_bn(x)
         out = self.pw2(self.lk_nonlinear(self.large_kernel(self.pw1(out))))
         return x + self.drop_path(out)
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the pre-BN into ``pw1`` and every branch and BN into single convs (idempotent)."""
-        if hasattr(self, "prelkb_bn"):
+    def _fold(self) -> None:
+        """The pre-BN goes into ``pw1`` (with ``pw1``'s own BN); the large-kernel conv and ``pw2`` fold themselves."""
+        if self.prelkb_bn is not None:
             absorb_input_bn(self.prelkb_bn, self.pw1)
-            del self.prelkb_bn
-        self.large_kernel.reparameterize()
-        self.pw2.reparameterize()
+            self.prelkb_bn = None
 
 
 class RepLKNetStage(nn.Module):

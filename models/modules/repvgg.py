@@ -20,35 +20,36 @@ optimizer gives the parameters of :func:`repvgg_custom_l2_parameters` no weight 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import MappingProxyType
 
 import torch
 import torch.nn as nn
 from timm.layers import SEModule
 
-from models.common import BatchNorm2d, ConvBN, bn_as_conv, make_conv, pad_kernel
+from models.common import BatchNorm2d, ConvBN, Reparameterizable, bn_as_conv, pad_kernel, variant_constructors
 
 GROUPED_LAYERS = range(2, 27, 2)  # block indices (stem excluded, from 1) that g2/g4 variants group
 STAGE_PLANES = (64, 128, 256, 512)
 A_DEPTHS, B_DEPTHS, D_DEPTHS = (2, 4, 14, 1), (4, 6, 16, 1), (8, 14, 24, 1)
 
-# variant -> (blocks per stage, width multipliers, groups on GROUPED_LAYERS, squeeze-excite)
+# variant -> RepVGGBackbone keyword arguments: blocks per stage, width multipliers, groups on GROUPED_LAYERS,
+# squeeze-excite
 VARIANTS = MappingProxyType({
-    "a0": (A_DEPTHS, (0.75, 0.75, 0.75, 2.5), 1, False),
-    "a1": (A_DEPTHS, (1, 1, 1, 2.5), 1, False),
-    "a2": (A_DEPTHS, (1.5, 1.5, 1.5, 2.75), 1, False),
-    "b0": (B_DEPTHS, (1, 1, 1, 2.5), 1, False),
-    "b1": (B_DEPTHS, (2, 2, 2, 4), 1, False),
-    "b1g2": (B_DEPTHS, (2, 2, 2, 4), 2, False),
-    "b1g4": (B_DEPTHS, (2, 2, 2, 4), 4, False),
-    "b2": (B_DEPTHS, (2.5, 2.5, 2.5, 5), 1, False),
-    "b2g2": (B_DEPTHS, (2.5, 2.5, 2.5, 5), 2, False),
-    "b2g4": (B_DEPTHS, (2.5, 2.5, 2.5, 5), 4, False),
-    "b3": (B_DEPTHS, (3, 3, 3, 5), 1, False),
-    "b3g2": (B_DEPTHS, (3, 3, 3, 5), 2, False),
-    "b3g4": (B_DEPTHS, (3, 3, 3, 5), 4, False),
-    "d2se": (D_DEPTHS, (2.5, 2.5, 2.5, 5), 1, True),
+    "a0": {"depths": A_DEPTHS, "widths": (0.75, 0.75, 0.75, 2.5)},
+    "a1": {"depths": A_DEPTHS, "widths": (1, 1, 1, 2.5)},
+    "a2": {"depths": A_DEPTHS, "widths": (1.5, 1.5, 1.5, 2.75)},
+    "b0": {"depths": B_DEPTHS, "widths": (1, 1, 1, 2.5)},
+    "b1": {"depths": B_DEPTHS, "widths": (2, 2, 2, 4)},
+    "b1g2": {"depths": B_DEPTHS, "widths": (2, 2, 2, 4), "groups": 2},
+    "b1g4": {"depths": B_DEPTHS, "widths": (2, 2, 2, 4), "groups": 4},
+    "b2": {"depths": B_DEPTHS, "widths": (2.5, 2.5, 2.5, 5)},
+    "b2g2": {"depths": B_DEPTHS, "widths": (2.5, 2.5, 2.5, 5), "groups": 2},
+    "b2g4": {"depths": B_DEPTHS, "widths": (2.5, 2.5, 2.5, 5), "groups": 4},
+    "b3": {"depths": B_DEPTHS, "widths": (3, 3, 3, 5)},
+    "b3g2": {"depths": B_DEPTHS, "widths": (3, 3, 3, 5), "groups": 2},
+    "b3g4": {"depths": B_DEPTHS, "widths": (3, 3, 3, 5), "groups": 4},
+    "d2se": {"depths": D_DEPTHS, "widths": (2.5, 2.5, 2.5, 5), "use_se": True},
 })
 
 
@@ -57,7 +58,7 @@ def bn_scale(bn: nn.BatchNorm2d) -> torch.Tensor:
     return (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
 
 
-class RepVGGBlock(nn.Module):
+class RepVGGBlock(Reparameterizable):
     """``ReLU(SE(conv_bn kxk(x) + conv_bn 1x1(x) [+ BN(x)]))``; folds into one kxk conv with bias.
 
     The BN identity branch exists only when ``cin == cout`` and ``stride == 1``; SE is optional.
@@ -73,12 +74,7 @@ class RepVGGBlock(nn.Module):
         self.identity = BatchNorm2d(cout) if cin == cout and stride == 1 else None
         self.se = SEModule(cout, rd_channels=cout // 16) if use_se else nn.Identity()
         self.act = nn.ReLU(inplace=True)
-        self.fused: nn.Conv2d | None = None
-
-    @property
-    def has_branches(self) -> bool:
-        """True until :meth:`reparameterize` has merged the branches."""
-        return self.fused is None
+        self.fused: nn.Conv2d | None = None  # the folded conv, once the branches are merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.se(self.branch_sum(x)))
@@ -90,8 +86,10 @@ class RepVGGBlock(nn.Module):
         out = self.dense(x) + self.pointwise(x)
         return out if self.identity is None else out + self.identity(x)
 
-    def equivalent_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def folded_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernel and bias of the single conv equal to the branch sum in eval mode (differentiable)."""
+        if self.fused is not None:
+            return self.fused.weight, self.fused.bias
         size, groups = self.dense.conv.kernel_size[0], self.dense.conv.groups
         kernel, bias = self.dense.folded_kernel_bias()
         kernel_1x1, bias_1x1 = self.pointwise.folded_kernel_bias()
@@ -101,13 +99,8 @@ class RepVGGBlock(nn.Module):
             kernel, bias = kernel + kernel_id, bias + bias_id
         return kernel, bias
 
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Replace the branches by one biased conv (idempotent)."""
-        if self.fused is not None:
-            return
-        self.fused = make_conv(self.dense.conv, *self.equivalent_kernel_bias())
-        del self.dense, self.pointwise, self.identity
+    def _fold(self) -> None:
+        self._replace_by_conv("fused", self.dense.conv, drop=("dense", "pointwise", "identity"))
 
     def custom_l2(self) -> torch.Tensor:
         """The paper's custom L2 penalty on this block's equivalent kernel (see the module docstring)."""
@@ -122,7 +115,7 @@ class RepVGGBlock(nn.Module):
 
 def branched_blocks(model: nn.Module) -> list[RepVGGBlock]:
     """Every RepVGGBlock of ``model`` that has not been folded yet."""
-    return [m for m in model.modules() if isinstance(m, RepVGGBlock) and m.has_branches]
+    return [m for m in model.modules() if isinstance(m, RepVGGBlock) and not m.folded]
 
 
 def repvgg_custom_l2(model: nn.Module) -> torch.Tensor:
@@ -179,24 +172,16 @@ class RepVGGBackbone(nn.Module):
         return outputs
 
 
+BACKBONES = variant_constructors("repvgg", RepVGGBackbone, VARIANTS)  # repvgg_a0(c1=3), ...
+
+
 def repvgg_backbone(c1: int = 3, variant: str = "a0") -> RepVGGBackbone:
     """A named RepVGG variant (``a0`` ... ``d2se``, see ``VARIANTS``) taking ``c1`` input channels."""
-    depths, widths, groups, use_se = VARIANTS[variant]
-    return RepVGGBackbone(c1, depths, widths, groups, use_se)
-
-
-def _variant_factory(variant: str) -> Callable[[int], RepVGGBackbone]:
-    """``repvgg_<variant>(c1=3)``: the constructor a YAML ``backbone`` row calls."""
-    def build(c1: int = 3) -> RepVGGBackbone:
-        return repvgg_backbone(c1, variant)
-
-    build.__name__ = build.__qualname__ = f"repvgg_{variant}"
-    build.__doc__ = f"RepVGG-{variant.upper()} backbone returning the maps at strides 2, 4, 8, 16, 32."
-    return build
+    return BACKBONES[f"repvgg_{variant}"](c1)
 
 
 YAML_MODULES = {
     "RepVGGBlock": (RepVGGBlock, "conv"),
     "RepVGGStage": (RepVGGStage, "csp"),
-    **{f"repvgg_{name}": (_variant_factory(name), "backbone") for name in VARIANTS},
+    **{name: (constructor, "backbone") for name, constructor in BACKBONES.items()},
 }

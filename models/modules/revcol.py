@@ -15,12 +15,15 @@ Input sides must be multiples of 32.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import MappingProxyType
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import get_device_states, set_device_states
+
+from models.common import variant_constructors
 
 ALPHA_MIN = 1e-3  # smallest |alpha|: the reconstruction in backward divides by alpha
 ALPHA_INIT = 0.5
@@ -272,52 +275,21 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-# name: (channels, blocks per level, columns, drop-path rate)
-VARIANTS = {
-    "tiny": ((64, 128, 256, 512), (2, 2, 4, 2), 4, 0.1),
-    "small": ((64, 128, 256, 512), (2, 2, 4, 2), 8, 0.3),
-    "base": ((72, 144, 288, 576), (1, 1, 3, 2), 16, 0.4),
-    "large": ((128, 256, 512, 1024), (1, 2, 6, 2), 8, 0.5),
-    "xlarge": ((224, 448, 896, 1792), (1, 2, 6, 2), 8, 0.5),
-}
+# variant -> FullNet keyword arguments: channels and blocks per level, columns, drop-path rate
+VARIANTS = MappingProxyType({
+    "tiny": {"channels": (64, 128, 256, 512), "layers": (2, 2, 4, 2), "num_subnet": 4, "drop_path": 0.1},
+    "small": {"channels": (64, 128, 256, 512), "layers": (2, 2, 4, 2), "num_subnet": 8, "drop_path": 0.3},
+    "base": {"channels": (72, 144, 288, 576), "layers": (1, 1, 3, 2), "num_subnet": 16, "drop_path": 0.4},
+    "large": {"channels": (128, 256, 512, 1024), "layers": (1, 2, 6, 2), "num_subnet": 8, "drop_path": 0.5},
+    "xlarge": {"channels": (224, 448, 896, 1792), "layers": (1, 2, 6, 2), "num_subnet": 8, "drop_path": 0.5},
+})
 
 
-def _revcol(variant: str, c1: int, save_memory: bool, drop_path: float | None, kernel_size: int) -> FullNet:
-    """A variant of VARIANTS with ``c1`` input channels; ``drop_path`` None keeps the variant's rate."""
-    channels, layers, columns, default_drop_path = VARIANTS[variant]
-    drop_path = default_drop_path if drop_path is None else drop_path
-    return FullNet(channels, layers, columns, kernel_size, drop_path, save_memory, in_channels=c1)
+def revcol_backbone(c1: int = 3, **config) -> FullNet:
+    """A :class:`FullNet` on ``c1`` input channels (``config``: its other keyword arguments)."""
+    return FullNet(in_channels=c1, **config)
 
 
-def revcol_tiny(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
-                kernel_size: int = 3) -> FullNet:
-    """RevCol-T: channels 64-512, 4 columns (29.9M parameters)."""
-    return _revcol("tiny", c1, save_memory, drop_path, kernel_size)
+BACKBONES = variant_constructors("revcol", revcol_backbone, VARIANTS)  # revcol_tiny(c1=3, **overrides), ...
 
-
-def revcol_small(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
-                 kernel_size: int = 3) -> FullNet:
-    """RevCol-S: channels 64-512, 8 columns (60.1M parameters)."""
-    return _revcol("small", c1, save_memory, drop_path, kernel_size)
-
-
-def revcol_base(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
-                kernel_size: int = 3) -> FullNet:
-    """RevCol-B: channels 72-576, 16 columns (138.0M parameters)."""
-    return _revcol("base", c1, save_memory, drop_path, kernel_size)
-
-
-def revcol_large(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
-                 kernel_size: int = 3) -> FullNet:
-    """RevCol-L: channels 128-1024, 8 columns (272.1M parameters)."""
-    return _revcol("large", c1, save_memory, drop_path, kernel_size)
-
-
-def revcol_xlarge(c1: int = 3, save_memory: bool = True, drop_path: float | None = None,
-                  kernel_size: int = 3) -> FullNet:
-    """RevCol-XL: channels 224-1792, 8 columns (832.0M parameters)."""
-    return _revcol("xlarge", c1, save_memory, drop_path, kernel_size)
-
-
-YAML_MODULES = {f.__name__: (f, "backbone")
-                for f in (revcol_tiny, revcol_small, revcol_base, revcol_large, revcol_xlarge)}
+YAML_MODULES = {name: (constructor, "backbone") for name, constructor in BACKBONES.items()}
