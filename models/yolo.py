@@ -10,6 +10,7 @@ import argparse
 import ast
 import copy
 import importlib
+import itertools
 import math
 import pkgutil
 import re
@@ -29,60 +30,128 @@ from models.common import (  # noqa: E402
     C3, C3SPP, C3TR, SPP, SPPF, BatchNorm2d, Bottleneck, BottleneckCSP, C3Ghost, C3x, Concat, Contract, Conv,
     CrossConv, DWConv, Expand, Focus, GhostBottleneck, GhostConv,
 )
-from utils.autoanchor import check_anchor_order  # noqa: E402
 from utils.general import LOGGER, UserInputError, first_line, make_divisible, set_logging, yaml_load  # noqa: E402
 from utils.torch_utils import model_info, profile_layer, scale_img, select_device  # noqa: E402
 
 MODELS_DIR = ROOT / "models"
 
 
-class Detect(nn.Module):
-    """YOLOv5 head: one 1x1 conv per level; decodes boxes in eval mode, returns raw maps in training mode.
+def anchors_run_against_strides(anchors: torch.Tensor, stride: torch.Tensor) -> bool:
+    """Whether the levels of ``anchors`` (nl, na, 2) grow in the opposite direction to ``stride`` (nl,).
 
-    ``anchors`` is a buffer of shape (nl, na, 2) in grid units (pixels / stride), as upstream keeps it.
+    Only the two end levels are compared, by their mean anchor area; equal end areas count as in order.
+    """
+    mean_area = anchors.prod(-1).mean(-1)
+    if mean_area.device.type == "meta":  # shape-only model: no values to compare
+        return False
+    growth = float(mean_area[-1] - mean_area[0])
+    step = float(stride[-1] - stride[0])
+    return growth * step < 0
+
+
+def check_anchor_order(m: Any) -> bool:
+    """Reverse the level order of ``m.anchors`` (pixels) in place if their sizes run against ``m.stride`` (``m``: a
+    Detect head or anything with those two tensors).
+
+    Returns True when it reversed them, so the smallest anchors always sit on the finest stride.
+    """
+    if not anchors_run_against_strides(m.anchors, m.stride):
+        return False
+    LOGGER.info("AutoAnchor: anchor sizes ran against the strides; levels put in stride order")
+    m.anchors.copy_(m.anchors.flip(0))
+    return True
+
+
+def cell_offsets(ny: int, nx: int, stride: torch.Tensor) -> torch.Tensor:
+    """(1, 1, ny, nx, 2) pixel (x, y) of every cell's top-left corner moved back half a cell: (col - 0.5) * stride.
+
+    The decode's box centre is then ``2 * stride * sigmoid + offset``, i.e. (2 * sigmoid - 0.5 + col) * stride.
+    """
+    rows = torch.arange(ny, device=stride.device, dtype=torch.float32).sub(0.5).mul(stride)
+    cols = torch.arange(nx, device=stride.device, dtype=torch.float32).sub(0.5).mul(stride)
+    yy, xx = torch.meshgrid(rows, cols, indexing="ij")  # traces to shape-following ops for dynamic exports
+    return torch.stack((xx, yy), -1).unsqueeze(0).unsqueeze(0)
+
+
+class Detect(nn.Module):
+    """YOLOv5 head: a 1x1 conv per level giving ``na`` anchors x (4 box + 1 objectness + nc class) logits per cell.
+
+    Training mode returns the raw maps, one (bs, na, ny, nx, no) tensor per level (what utils/loss.py reads).
+    Eval mode returns ``(decoded, raw maps)``, where ``decoded`` is (bs, N, no): pixel xywh, objectness and class
+    probabilities, rows ordered by level, anchor, grid row, grid column. With ``export`` set (by export.py) only
+    ``(decoded,)`` comes back. ``anchors`` is an (nl, na, 2) buffer in grid units (pixels / stride) once the model
+    has measured its strides; ``set_anchors_px`` is the one way to change it.
     """
 
-    export = False  # class-level switch read by exporters: return only the decoded tensor
+    export = False  # exporters set this on their instances: eval output without the raw maps
 
     def __init__(self, nc: int = 80, anchors: list | tuple = (), ch: list | tuple = (), inplace: bool = True):
         super().__init__()
-        self.nc = nc
-        self.no = nc + 5
-        self.nl = len(anchors)
-        self.na = len(anchors[0]) // 2
-        self.inplace = inplace
-        self.register_buffer("anchors", torch.tensor(anchors).float().view(self.nl, -1, 2))
-        self.register_buffer("stride", torch.ones(self.nl), persistent=False)
-        self.m = nn.ModuleList(nn.Conv2d(x, self.no * self.na, 1) for x in ch)
-        self.grid: list[torch.Tensor] = [torch.empty(0)] * self.nl
-        self.anchor_grid: list[torch.Tensor] = [torch.empty(0)] * self.nl
-        self.dynamic = False  # recompute grids on every call (dynamic ONNX shapes)
+        table = torch.tensor([[float(v) for v in row] for row in anchors])  # (nl, 2 * na) pixels, one row per level
+        levels, pairs = table.shape
+        self.nc, self.no = nc, 5 + nc
+        self.nl, self.na = levels, pairs // 2
+        self.inplace = inplace  # decode by writing into the sigmoid tensor (less memory) instead of concatenating
+        self.dynamic = False  # rebuild the cell offsets on every call (traced exports with dynamic shapes)
+        self.register_buffer("anchors", table.view(levels, self.na, 2))
+        self.register_buffer("stride", torch.ones(levels), persistent=False)
+        self.m = nn.ModuleList([nn.Conv2d(c, self.na * self.no, kernel_size=1) for c in ch])
+        self._offsets: dict[int, torch.Tensor] = {}  # level -> cached cell_offsets for the last map size
+
+    def anchors_px(self) -> torch.Tensor:
+        """Anchor sizes (nl, na, 2) in input pixels."""
+        return self.anchors * self.stride.view(-1, 1, 1)
+
+    def set_anchors_px(self, anchors_px: torch.Tensor | Any) -> None:
+        """Store anchor sizes given in pixels (any shape holding nl x na pairs) in stride order, in grid units.
+
+        Writes into the existing buffer, so holders of ``self.anchors`` (the loss) see the new values.
+        """
+        new = torch.as_tensor(anchors_px).to(self.anchors).reshape(self.anchors.shape)
+        self.anchors.copy_(new)
+        check_anchor_order(self)
+        self.anchors.div_(self.stride.view(-1, 1, 1))
 
     def forward(self, x: list[torch.Tensor]):
-        z = []
-        for i in range(self.nl):
-            x[i] = self.m[i](x[i])
-            bs, _, ny, nx = x[i].shape
-            x[i] = x[i].view(bs, self.na, self.no, ny, nx).permute(0, 1, 3, 4, 2).contiguous()
-            if not self.training:
-                if self.dynamic or self.grid[i].shape[2:4] != x[i].shape[2:4] or self.grid[i].device != x[i].device:
-                    self.grid[i], self.anchor_grid[i] = self._make_grid(nx, ny, i)
-                xy, wh, conf = x[i].sigmoid().split((2, 2, self.nc + 1), 4)
-                xy = (xy * 2 + self.grid[i]) * self.stride[i]
-                wh = (wh * 2) ** 2 * self.anchor_grid[i]
-                z.append(torch.cat((xy, wh, conf), 4).view(bs, self.na * nx * ny, self.no))
+        maps = [self._level_map(conv, feature) for conv, feature in zip(self.m, x)]
         if self.training:
-            return x
-        return (torch.cat(z, 1),) if self.export else (torch.cat(z, 1), x)
+            return maps
+        decoded = torch.cat([self._decode(level, p).flatten(1, 3) for level, p in enumerate(maps)], 1)
+        return (decoded,) if self.export else (decoded, maps)
 
-    def _make_grid(self, nx: int, ny: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cell offsets (shifted by -0.5 for the 2*sigmoid-0.5 decode) and anchor sizes in pixels."""
-        d, t = self.anchors[i].device, self.anchors[i].dtype
-        shape = 1, self.na, ny, nx, 2
-        yv, xv = torch.meshgrid(torch.arange(ny, device=d, dtype=t), torch.arange(nx, device=d, dtype=t), indexing="ij")
-        grid = torch.stack((xv, yv), 2).expand(shape) - 0.5
-        anchor_grid = (self.anchors[i] * self.stride[i]).view(1, self.na, 1, 1, 2).expand(shape)
-        return grid, anchor_grid
+    def _level_map(self, conv: nn.Module, feature: torch.Tensor) -> torch.Tensor:
+        """Conv output (bs, na * no, ny, nx) rearranged to (bs, na, ny, nx, no)."""
+        out = conv(feature)
+        bs, _, ny, nx = out.shape  # sizes read off the tensor, so traced exports keep them dynamic
+        return out.view(bs, self.na, self.no, ny, nx).movedim(2, -1).contiguous()
+
+    def _decode(self, level: int, p: torch.Tensor) -> torch.Tensor:
+        """Raw map (bs, na, ny, nx, no) -> pixel boxes and probabilities of the same shape.
+
+        centre = (2 * sigmoid - 0.5 + cell) * stride and size = (2 * sigmoid)^2 * anchor, written as
+        centre = sigmoid * 2 * stride + offset and size = sigmoid^2 * 4 * anchor.
+        """
+        prob = p.sigmoid()
+        centre_gain = 2 * self.stride[level]
+        offset = self._cell_offsets(level, p)
+        size_gain = (self.anchors[level] * (4 * self.stride[level])).view(1, self.na, 1, 1, 2)
+        if self.inplace:
+            prob[..., :2] = prob[..., :2] * centre_gain + offset
+            prob[..., 2:4] = prob[..., 2:4].square() * size_gain
+            return prob
+        centre, size, scores = prob.split((2, 2, self.no - 4), -1)
+        return torch.cat((centre * centre_gain + offset, size.square() * size_gain, scores), -1)
+
+    def _cell_offsets(self, level: int, p: torch.Tensor) -> torch.Tensor:
+        """``cell_offsets`` for this map, cached per level until the map's size, device or dtype changes."""
+        ny, nx = p.shape[2], p.shape[3]
+        cached = self._offsets.get(level)
+        stale = (cached is None or tuple(cached.shape[2:4]) != (ny, nx) or cached.device != p.device
+                 or cached.dtype != p.dtype)
+        if self.dynamic or stale:
+            cached = cell_offsets(ny, nx, self.stride[level]).to(p.dtype)
+            self._offsets[level] = cached
+        return cached
 
 
 class BackboneSlot(nn.Module):
@@ -331,6 +400,36 @@ def _build_row(ctor: Callable, kind: str, inputs: list[int], args: list, n: int,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+def _layer_input(layer: nn.Module, previous: Any, saved: dict[int, Any]) -> Any:
+    """What a row consumes: ``from`` -1 is the previous row's output, other indices (negative ones count back from
+    the row) are saved outputs; a list ``from`` gives a list."""
+
+    def pick(j: int) -> Any:
+        if j == -1:
+            return previous
+        return saved[j if j >= 0 else layer.i + j]
+
+    return [pick(j) for j in layer.f] if isinstance(layer.f, list) else pick(layer.f)
+
+
+def _layer_outputs(layer: nn.Module, out: Any) -> tuple[list[tuple[int, Any]], Any]:
+    """(layer index, output) pairs a row produces, and what flows on to the next row.
+
+    A multi-output backbone row produces the five pyramid slots P1..P5 (indices 0-4, None where it has no such
+    level) and passes P5 on.
+    """
+    slots = getattr(layer, "slots", None)
+    if slots is None:
+        return [(layer.i, out)], out
+    levels = [None if k is None else out[k] for k in slots]
+    return list(enumerate(levels)), levels[-1]
+
+
+def _log_layer_cost(layer: nn.Module, inputs: Any) -> None:
+    ms, gflops = profile_layer(layer, inputs)
+    LOGGER.info(f"{ms:10.2f} {gflops:10.2f} {layer.np:10.0f}  {layer.type}")
+
+
 class BaseModel(nn.Module):
     """Layer-by-layer forward over ``self.model`` with saved outputs, folding and summaries."""
 
@@ -338,31 +437,23 @@ class BaseModel(nn.Module):
     save: list[int]
 
     def forward(self, x: torch.Tensor, profile: bool = False, visualize: bool | Path = False):
-        return self._forward_once(x, profile, visualize)
-
-    def _forward_once(self, x: torch.Tensor, profile: bool = False, visualize: bool | Path = False):
-        y: list[torch.Tensor | None] = []
+        """Run the rows in order; outputs that a later row reads (``self.save``) are kept by layer index."""
+        keep = set(self.save)
+        saved: dict[int, torch.Tensor | None] = {}
         if profile:
-            LOGGER.info(f"{'time (ms)':>10s} {'GFLOPs':>10s} {'params':>10s}  module")
-        for m in self.model:
-            if isinstance(m, BackboneSlot):
+            LOGGER.info(f"{'ms/call':>10s} {'GFLOPs':>10s} {'params':>10s}  layer")
+        for layer in self.model:
+            if isinstance(layer, BackboneSlot):  # filled by the backbone row before it
                 continue
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+            inputs = _layer_input(layer, x, saved)
             if profile:
-                dt, gflops = profile_layer(m, x)
-                LOGGER.info(f"{dt:10.2f} {gflops:10.2f} {m.np:10.0f}  {m.type}")
-            x = m(x)
-            if hasattr(m, "slots"):  # multi-output backbone fills layer indices 0-4
-                levels = [x[p] if p is not None else None for p in m.slots]
-                y.extend(t if j in self.save else None for j, t in enumerate(levels))
-                x = levels[-1]
-            else:
-                y.append(x if m.i in self.save else None)
+                _log_layer_cost(layer, inputs)
+            produced, x = _layer_outputs(layer, layer(inputs))
+            saved.update((index, out) for index, out in produced if index in keep)
             if visualize:
                 from utils.plots import feature_visualization
 
-                feature_visualization(x, m.type, m.i, save_dir=visualize)
+                feature_visualization(x, layer.type, layer.i, save_dir=visualize)
         return x
 
     def fuse(self) -> "BaseModel":
@@ -383,6 +474,25 @@ class BaseModel(nn.Module):
         return model_info(self, verbose, img_size)
 
 
+TTA_PASSES = ((1.0, False), (0.83, True), (0.67, False))  # (image scale, mirrored left-right) per TTA view
+
+
+def _level_rows(maps: list[torch.Tensor], levels: range) -> slice:
+    """Rows of the decoded tensor that come from ``levels`` (consecutive), given the raw maps (bs, na, ny, nx, no)."""
+    ends = [0, *itertools.accumulate(math.prod(m.shape[1:4]) for m in maps)]
+    if not levels:
+        return slice(0, 0)
+    return slice(ends[levels[0]], ends[levels[-1] + 1])
+
+
+def _tta_to_input_pixels(pred: torch.Tensor, scale: float, mirrored: bool, width: int) -> torch.Tensor:
+    """Decoded rows (bs, n, no) of a scaled and maybe mirrored view, with their xywh in the original image's pixels."""
+    box = pred[..., :4] / scale
+    if mirrored:
+        box = torch.cat((width - box[..., :1], box[..., 1:]), -1)
+    return torch.cat((box, pred[..., 4:]), -1)
+
+
 class DetectionModel(BaseModel):
     """YOLOv5 detection model from a YAML path, a bare YAML name in models/, or a model dict."""
 
@@ -398,7 +508,7 @@ class DetectionModel(BaseModel):
         source = self.yaml_file
         ch = self.yaml["ch"] = self.yaml.get("ch", ch)
         if nc is not None and nc != self.yaml.get("nc"):
-            LOGGER.info(f"Overriding {source} nc={self.yaml.get('nc')} with nc={nc}")
+            LOGGER.info(f"Overriding {source} nc={self.yaml.get('nc')} with nc={nc}: the caller's class count wins")
             self.yaml["nc"] = nc
         if anchors is not None:
             LOGGER.info(f"Overriding {source} anchors with anchors={anchors}")
@@ -413,8 +523,8 @@ class DetectionModel(BaseModel):
             raise ModelConfigError(f"{source}: the last row must be a Detect head")
         strides = self._measure_strides(ch, source)
         m.stride.copy_(torch.tensor(strides, dtype=m.stride.dtype))
-        check_anchor_order(m)  # on pixel anchors, before converting them to grid units
-        m.anchors /= m.stride.view(-1, 1, 1)
+        m.inplace = self.inplace
+        m.set_anchors_px(m.anchors.clone())  # the YAML's pixel sizes, now that the strides are known
         self.stride = m.stride
         self._initialize_biases(strides)
         initialize_weights(self)
@@ -440,57 +550,49 @@ class DetectionModel(BaseModel):
         return [s / x.shape[-2] for x in outs]
 
     def forward(self, x: torch.Tensor, augment: bool = False, profile: bool = False, visualize: bool | Path = False):
-        if augment:
-            return self._forward_augment(x)
-        return self._forward_once(x, profile, visualize)
+        """Training: raw maps per level. Eval: (decoded, raw maps), or (decoded, None) with ``augment`` (TTA)."""
+        return self._forward_augment(x) if augment else super().forward(x, profile, visualize)
 
     def _forward_augment(self, x: torch.Tensor):
-        """Test-time augmentation: original, flipped-left-right at 0.83 and 0.67 scale; merged predictions."""
-        img_size = x.shape[-2:]
-        outputs = []
-        for scale, flip in zip((1, 0.83, 0.67), (None, 3, None)):
-            xi = scale_img(x.flip(flip) if flip else x, scale, gs=int(self.stride.max()))
-            yi = self._forward_once(xi)[0]
-            outputs.append(self._descale_pred(yi, flip, scale, img_size))
-        return torch.cat(self._clip_augmented(outputs), 1), None
+        """Test-time augmentation: merged predictions of the ``TTA_PASSES`` views of ``x``, as (decoded, None).
 
-    def _descale_pred(self, p: torch.Tensor, flip: int | None, scale: float, img_size) -> torch.Tensor:
-        """Map predictions made on a scaled (and flipped) image back to the original image."""
-        p = p.clone()
-        p[..., :4] /= scale
-        if flip == 2:
-            p[..., 1] = img_size[0] - p[..., 1]
-        elif flip == 3:
-            p[..., 0] = img_size[1] - p[..., 0]
-        return p
-
-    def _clip_augmented(self, y: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Drop the smallest-object level from the full-size pass and the largest from the smallest pass."""
-        nl = self.model[-1].nl
-        g = sum(4**x for x in range(nl))
-        y[0] = y[0][:, : -(y[0].shape[1] // g)]
-        y[-1] = y[-1][:, (y[-1].shape[1] // g) * 4 ** (nl - 1):]
-        return y
+        Every view's boxes are mapped back to ``x``'s pixels. The full-size view leaves out its coarsest level
+        (large objects) and the smallest view its finest level (small objects), as each sees those poorly.
+        """
+        grid = int(self.stride.max())
+        last = len(TTA_PASSES) - 1
+        merged = []
+        for k, (scale, mirrored) in enumerate(TTA_PASSES):
+            view = scale_img(x.flip(-1) if mirrored else x, scale, gs=grid)
+            decoded, maps = super().forward(view)
+            levels = range(1 if k == last else 0, len(maps) - 1 if k == 0 else len(maps))
+            rows = _level_rows(maps, levels)
+            merged.append(_tta_to_input_pixels(decoded[:, rows], scale, mirrored, x.shape[-1]))
+        return torch.cat(merged, 1), None
 
     def _initialize_biases(self, strides: list[float], class_freq: torch.Tensor | None = None) -> None:
-        """Prior-based bias init: about 8 objects per 640x640 image, class probability about 0.6 / nc."""
-        m = self.model[-1]
-        for conv, s in zip(m.m, strides):
-            b = conv.bias.view(m.na, -1)
-            b.data[:, 4] += math.log(8 / (640 / s) ** 2)
-            if class_freq is None:
-                b.data[:, 5: 5 + m.nc] += math.log(0.6 / (m.nc - 0.99999))
-            else:
-                b.data[:, 5: 5 + m.nc] += torch.log(class_freq / class_freq.sum())
-            conv.bias = nn.Parameter(b.view(-1), requires_grad=True)
+        """Start the output biases at priors instead of 0.5 probabilities.
+
+        Objectness: about 8 objects in a 640x640 image spread over the level's (640 / stride)^2 cells. Classes:
+        probability 0.6 / (nc - 0.99999) each, or each class's share of ``class_freq`` (label counts) when given.
+        """
+        head = self.model[-1]
+        if class_freq is None:
+            class_logit = torch.full((head.nc,), math.log(0.6 / (head.nc - 0.99999)))
+        else:
+            counts = torch.as_tensor(class_freq, dtype=torch.float32)
+            class_logit = (counts / counts.sum()).log()
+        with torch.no_grad():
+            for conv, stride in zip(head.m, strides):
+                prior = conv.bias.new_zeros(head.no)  # per anchor: x, y, w, h, objectness, classes
+                prior[4] = math.log(8 / (640 / stride) ** 2)
+                prior[5:] = class_logit
+                conv.bias.view(head.na, head.no).add_(prior)
 
     def _apply(self, fn, *args, **kwargs):
-        """Keep Detect's cached grids on the right device/dtype after .to() / .half()."""
-        self = super()._apply(fn, *args, **kwargs)
-        m = self.model[-1]
-        m.grid = [fn(g) for g in m.grid]
-        m.anchor_grid = [fn(g) for g in m.anchor_grid]
-        self.stride = m.stride
+        """After .to() / .half(): ``self.stride`` points at Detect's converted buffer again."""
+        super()._apply(fn, *args, **kwargs)
+        self.stride = self.model[-1].stride
         return self
 
 
@@ -523,10 +625,10 @@ def find_model_yaml(cfg: str | Path) -> Path:
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Build a YOLOv5 model from its YAML and print it")
     parser.add_argument("--cfg", type=str, default="yolov5s.yaml", help="model.yaml")
-    parser.add_argument("--batch-size", type=int, default=1, help="total batch size for all GPUs")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
-    parser.add_argument("--profile", action="store_true", help="profile model speed layer by layer")
+    parser.add_argument("--batch-size", type=int, default=1, help="images in the profiling batch")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="square input side in pixels")
+    parser.add_argument("--device", default="", help="where to run: cpu, or CUDA indices such as 0 or 0,1")
+    parser.add_argument("--profile", action="store_true", help="time one forward pass of each layer and log it")
     parser.add_argument("--line-profile", action="store_true", help="alias of --profile")
     parser.add_argument("--test", action="store_true", help="build every models/*.yaml")
     return parser.parse_args(argv)
