@@ -24,6 +24,7 @@ import argparse
 import csv
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -34,16 +35,16 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
-from models.backend import InferenceBackend, Stopwatch, class_counts  # noqa: E402
-from utils.boxes import clip_boxes, scale_boxes, xywh2xyxy, xyxy2xywh  # noqa: E402
+from models.backend import InferenceBackend, Stopwatch, class_counts, mean_ms, speed_summary  # noqa: E402
+from utils.boxes import scale_boxes  # noqa: E402
 from utils.dataloaders import LoadImages, LoadStreams, is_stream_source  # noqa: E402
 from utils.general import (  # noqa: E402
     LOGGER, UserInputError, check_img_size, colorstr, increment_path, run_cli,
 )
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.plots import Annotator, colors  # noqa: E402
+from utils.predictions import save_one_txt  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
-from val import save_one_txt  # noqa: E402
 
 CSV_COLUMNS = ("Image Name", "Prediction", "Confidence", "xmin", "ymin", "xmax", "ymax")
 
@@ -69,21 +70,33 @@ def imwrite(path: str | Path, im: np.ndarray) -> None:
     buffer.tofile(str(path))
 
 
+def crop_region(xyxy, image_hw: tuple[int, int], gain: float = 1.02, pad: int = 10,
+                square: bool = False) -> tuple[slice, slice]:
+    """(rows, columns) slices of the region around box ``xyxy``: each side scaled by ``gain`` and grown by
+    ``pad`` pixels about the box centre (both sides equal to the longer one first when ``square``), then
+    limited to an image of size ``image_hw``; the edges are truncated to whole pixels."""
+    corners = np.asarray(xyxy, dtype=np.float64).reshape(2, 2)  # [[x1, y1], [x2, y2]]
+    centre, extent = corners.mean(0), corners[1] - corners[0]
+    if square:
+        extent = np.full(2, extent.max())
+    half = (extent * gain + pad) / 2
+    limits = np.asarray(image_hw[1::-1], dtype=np.float64)  # (width, height)
+    (left, top), (right, bottom) = (np.clip(centre + sign * half, 0, limits).astype(int) for sign in (-1, 1))
+    return slice(top, bottom), slice(left, right)
+
+
 def save_one_box(xyxy, im: np.ndarray, file: Path, gain: float = 1.02, pad: int = 10, square: bool = False,
                  save: bool = True) -> np.ndarray:
-    """Crop box ``xyxy`` (grown by ``gain`` and ``pad`` pixels, clipped to the image) out of BGR image ``im``.
+    """The part of BGR image ``im`` around box ``xyxy`` (see ``crop_region``).
 
-    With ``save`` the crop is written to ``file`` (name incremented when taken: x.jpg, x2.jpg, ...).
+    With ``save`` the crop is also written as a JPEG at ``file``, numbered when that name is taken (x.jpg, x2.jpg, ...).
     """
-    b = xyxy2xywh(torch.as_tensor(xyxy, dtype=torch.float32).view(-1, 4))
-    if square:
-        b[:, 2:] = b[:, 2:].max(1, keepdim=True)[0]
-    b[:, 2:] = b[:, 2:] * gain + pad
-    x1, y1, x2, y2 = clip_boxes(xywh2xyxy(b), im.shape).long()[0].tolist()
-    crop = im[y1:y2, x1:x2]
+    rows, columns = crop_region(xyxy, im.shape[:2], gain, pad, square)
+    crop = im[rows, columns]
     if save:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        imwrite(increment_path(file.with_suffix(".jpg")), crop)
+        target = increment_path(Path(file).with_suffix(".jpg"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        imwrite(target, crop)
     return crop
 
 
@@ -208,13 +221,54 @@ def open_source(source: str, imgsz: list[int], model: InferenceBackend, vid_stri
 
 def log_summary(timers: tuple[Stopwatch, ...], seen: int, imgsz: list[int], save_dir: Path, save_txt: bool,
                 saved: bool) -> None:
-    """Upstream's closing lines: mean speeds, then where the results went."""
-    speeds = tuple(x.t / max(seen, 1) * 1e3 for x in timers)
-    LOGGER.info(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {(1, 3, *imgsz)}" % speeds)
-    if saved:
-        n_labels = len(list(save_dir.glob("labels/*.txt")))
-        labels = f"\n{n_labels} labels saved to {save_dir / 'labels'}" if save_txt else ""
-        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}{labels}")
+    """The closing lines: mean time per image of each stage, then where the outputs are."""
+    LOGGER.info(speed_summary(mean_ms(timers, seen), (1, 3, *imgsz)))
+    if not saved:
+        return
+    where = f"Outputs written to {colorstr('bold', save_dir)}"
+    if save_txt:
+        where += f"\n{len(list(save_dir.glob('labels/*.txt')))} label files in {save_dir / 'labels'}"
+    LOGGER.info(where)
+
+
+def to_model_input(im: np.ndarray, device: torch.device, fp16: bool) -> torch.Tensor:
+    """A loader's uint8 CHW image (or BCHW stream batch) as a float batch in [0, 1] on ``device``."""
+    x = torch.as_tensor(im, device=device).to(torch.float16 if fp16 else torch.float32).div(255)
+    return x if x.ndim == 4 else x.unsqueeze(0)
+
+
+def batch_members(dataset: LoadImages | LoadStreams, paths, originals) -> list[tuple[Path, np.ndarray, int, str]]:
+    """(file, writable copy of the original image, frame number, log prefix) of each image of one loader item:
+    one per stream for LoadStreams (frames counted by the loader), else the single image or video frame."""
+    if isinstance(dataset, LoadStreams):
+        return [(Path(p), im.copy(), dataset.count, f"{k}: ") for k, (p, im) in enumerate(zip(paths, originals))]
+    return [(Path(paths), originals.copy(), dataset.frame, "")]
+
+
+def detect_source(dataset: LoadImages | LoadStreams, model: InferenceBackend, saver: ResultSaver,
+                  stages: tuple[Stopwatch, Stopwatch, Stopwatch], nms, feature_dir, augment: bool = False) -> int:
+    """Predict on every item of ``dataset`` and save and log each image's results; returns how many images.
+
+    ``nms`` maps the model's output to per-image detections; ``feature_dir(path)`` is the --visualize folder
+    of an input (or False). ``stages`` time pre-processing, inference and NMS.
+    """
+    prepare, infer, suppress = stages
+    images = 0
+    for path, im, im0s, vid_cap, s in dataset:
+        with prepare:
+            x = to_model_input(im, model.device, model.fp16)
+        with infer:
+            raw = model(x, augment=augment, visualize=feature_dir(path))
+        with suppress:
+            dets = nms(raw)
+        mode = getattr(dataset, "mode", "stream")  # LoadImages switches between 'image' and 'video'
+        for slot, (det, (file, original, frame, prefix)) in enumerate(zip(dets, batch_members(dataset, path, im0s))):
+            scale_boxes(x.shape[2:], det[:, :4], original.shape).round_()
+            saver(det, original, file, frame, mode, slot, vid_cap)
+            found = "".join(f"{c}, " for c in class_counts(det, model.names)) or "(no detections), "
+            LOGGER.info(f"{s}{prefix}{x.shape[2]}x{x.shape[3]} {found}{infer.dt * 1e3:.1f}ms")
+        images += len(dets)
+    return images
 
 
 @torch.no_grad()
@@ -253,76 +307,67 @@ def run(
     imgsz = inference_size(model, list(imgsz))
     augment, visualize, view_img = supported_options(model, augment, visualize, view_img)
     dataset = open_source(str(source), imgsz, model, vid_stride)
-    webcam = isinstance(dataset, LoadStreams)
+    streams = isinstance(dataset, LoadStreams)
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     saver = ResultSaver(save_dir, model.names, save_txt, save_conf, save_csv, save_crop, not nosave, view_img,
                         line_thickness, hide_labels, hide_conf)
+    nms = partial(non_max_suppression, conf_thres=conf_thres, iou_thres=iou_thres, classes=classes,
+                  agnostic=agnostic_nms, max_det=max_det)
 
-    model.warmup(imgsz=(len(dataset) if webcam and model.kind != ".pt" else 1, 3, *imgsz))
-    timers, seen = (Stopwatch(), Stopwatch(), Stopwatch()), 0
+    def feature_dir(path) -> Path | bool:
+        return visualize and increment_path(save_dir / Path(path).stem, mkdir=True)
+
+    batch = len(dataset) if streams and model.kind != ".pt" else 1
+    model.warmup(imgsz=(batch, 3, *imgsz))
+    stages = Stopwatch(), Stopwatch(), Stopwatch()
     try:
-        for path, im, im0s, vid_cap, s in dataset:
-            with timers[0]:
-                im = torch.from_numpy(im).to(device)
-                im = (im.half() if model.fp16 else im.float()) / 255
-                im = im[None] if im.ndim == 3 else im
-            with timers[1]:
-                vis_dir = increment_path(save_dir / Path(path).stem, mkdir=True) if visualize else False
-                pred = model(im, augment=augment, visualize=vis_dir)
-            with timers[2]:
-                pred = non_max_suppression(pred, conf_thres, iou_thres, classes, agnostic_nms, max_det=max_det)
-            for i, det in enumerate(pred):
-                seen += 1
-                if webcam:
-                    p, im0, frame, prefix = path[i], im0s[i].copy(), dataset.count, f"{i}: "
-                else:
-                    p, im0, frame, prefix = path, im0s.copy(), dataset.frame, ""
-                scale_boxes(im.shape[2:], det[:, :4], im0.shape).round_()
-                saver(det, im0, Path(p), frame, getattr(dataset, "mode", "stream"), i, vid_cap)
-                found = "".join(f"{c}, " for c in class_counts(det, model.names)) or "(no detections), "
-                LOGGER.info(f"{s}{prefix}{im.shape[2]}x{im.shape[3]} {found}{timers[1].dt * 1e3:.1f}ms")
+        images = detect_source(dataset, model, saver, stages, nms, feature_dir, augment)
     finally:
         saver.videos.close()
-        if webcam:
+        if streams:
             dataset.close()
-    skipped = getattr(dataset, "skipped", [])
-    if skipped:
-        LOGGER.warning(f"WARNING {len(skipped)} of {len(dataset)} files of {source} unreadable and skipped (named above)")
-    log_summary(timers, seen, imgsz, save_dir, save_txt, saved=save_txt or not nosave or save_csv or save_crop)
+    if skipped := getattr(dataset, "skipped", []):
+        LOGGER.warning(f"WARNING {len(skipped)} of {len(dataset)} files of {source} unreadable and skipped "
+                       "(named above)")
+    log_summary(stages, images, imgsz, save_dir, save_txt, saved=save_txt or not nosave or save_csv or save_crop)
     return save_dir
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
-                        help="model path (.pt, .torchscript, .onnx)")
-    parser.add_argument("--source", type=str, default=ROOT / "data/images", help="file/dir/glob/.txt/URL, 0 for webcam")
-    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="dataset.yaml (names fallback)")
-    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="inference size h,w")
-    parser.add_argument("--conf-thres", type=float, default=0.25, help="confidence threshold")
-    parser.add_argument("--iou-thres", type=float, default=0.45, help="NMS IoU threshold")
-    parser.add_argument("--max-det", type=int, default=1000, help="maximum detections per image")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
-    parser.add_argument("--view-img", action="store_true", help="show results")
-    parser.add_argument("--save-txt", action="store_true", help="save results to *.txt")
-    parser.add_argument("--save-conf", action="store_true", help="save confidences in --save-txt labels")
-    parser.add_argument("--save-csv", action="store_true", help="save results in CSV format")
-    parser.add_argument("--save-crop", action="store_true", help="save cropped prediction boxes")
-    parser.add_argument("--nosave", action="store_true", help="do not save images/videos")
-    parser.add_argument("--classes", nargs="+", type=int, help="filter by class: --classes 0, or --classes 0 2 3")
-    parser.add_argument("--agnostic-nms", action="store_true", help="class-agnostic NMS")
-    parser.add_argument("--augment", action="store_true", help="augmented inference")
-    parser.add_argument("--visualize", action="store_true", help="visualize features")
-    parser.add_argument("--project", default=ROOT / "runs/detect", help="save results to project/name")
-    parser.add_argument("--name", default="exp", help="save results to project/name")
-    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    parser.add_argument("--line-thickness", default=3, type=int, help="bounding box thickness (pixels)")
-    parser.add_argument("--hide-labels", default=False, action="store_true", help="hide labels")
-    parser.add_argument("--hide-conf", default=False, action="store_true", help="hide confidences")
-    parser.add_argument("--half", action="store_true", help="use FP16 half-precision inference")
-    parser.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
-    parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
+                        help="the model file: a .pt checkpoint, or a .torchscript/.onnx export")
+    parser.add_argument("--source", type=str, default=ROOT / "data/images",
+                        help="what to run on: an image, video, folder, glob, .txt list, stream URL, or 0 (webcam)")
+    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml",
+                        help="data YAML whose class names are used when the model file carries none")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640],
+                        help="model input size in pixels: one number (square) or height width")
+    parser.add_argument("--conf-thres", type=float, default=0.25, help="keep detections scoring at least this")
+    parser.add_argument("--iou-thres", type=float, default=0.45, help="overlap (IoU) above which NMS drops a box")
+    parser.add_argument("--max-det", type=int, default=1000, help="at most this many detections in one image")
+    parser.add_argument("--device", default="", help="where to run: cpu, or CUDA index(es) such as 0 or 0,1")
+    parser.add_argument("--view-img", action="store_true", help="also show each result in a window")
+    parser.add_argument("--save-txt", action="store_true", help="write YOLO-format label files to labels/")
+    parser.add_argument("--save-conf", action="store_true", help="add a confidence column to --save-txt files")
+    parser.add_argument("--save-csv", action="store_true", help="append every detection to predictions.csv")
+    parser.add_argument("--save-crop", action="store_true", help="write each detected object as an image to crops/")
+    parser.add_argument("--nosave", action="store_true", help="do not write the annotated images and videos")
+    parser.add_argument("--classes", nargs="+", type=int, help="keep only these class indices, e.g. --classes 0 2")
+    parser.add_argument("--agnostic-nms", action="store_true", help="run NMS across classes, not per class")
+    parser.add_argument("--augment", action="store_true", help="test-time augmentation (flips and scales)")
+    parser.add_argument("--visualize", action="store_true", help="save feature maps of every layer")
+    parser.add_argument("--project", default=ROOT / "runs/detect", help="parent folder of the output folder")
+    parser.add_argument("--name", default="exp", help="output folder name inside --project")
+    parser.add_argument("--exist-ok", action="store_true", help="reuse an existing --project/--name folder "
+                        "instead of creating a numbered new one")
+    parser.add_argument("--line-thickness", default=3, type=int, help="width of the drawn boxes in pixels")
+    parser.add_argument("--hide-labels", default=False, action="store_true", help="draw boxes without text")
+    parser.add_argument("--hide-conf", default=False, action="store_true", help="omit the score from box labels")
+    parser.add_argument("--half", action="store_true", help="run in float16 (CUDA only)")
+    parser.add_argument("--dnn", action="store_true", help="run .onnx files with OpenCV DNN, not ONNX Runtime")
+    parser.add_argument("--vid-stride", type=int, default=1, help="use every n-th frame of videos and streams")
     opt = parser.parse_args(argv)
     opt.imgsz *= 2 if len(opt.imgsz) == 1 else 1
     return opt

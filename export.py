@@ -6,9 +6,9 @@ multi-branch models export as plain convolutions), its Detect head returns only 
 key ``metadata``; TorchScript: extra file ``config.txt``). Each exported file is then run (ONNX Runtime,
 TorchScript) on a random input and compared with PyTorch; a difference above tolerance fails the export.
 
-ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): torch 2.14's default torch.export-based
-exporter needs onnxscript and emits opset >= 18 graphs; this one writes the standard opset-17 operators
-that ONNX Runtime and OpenCV DNN read.
+ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): the torch.export-based default needs
+onnxscript and emits opset >= 18 graphs; this one writes the standard opset-17 operators that ONNX Runtime
+and OpenCV DNN read.
 
 Usage:
     python export.py --weights runs/train/exp/weights/best.pt --include torchscript onnx --imgsz 320
@@ -224,33 +224,46 @@ def parity_checkable(fmt: str, im: torch.Tensor) -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
+def exporter_version(fmt: str, opset: int) -> str:
+    """What writes format ``fmt``, for the log: the torch version, or the onnx package's and the opset."""
+    if fmt == "torchscript":
+        return f"torch {torch.__version__}"
+    import onnx
+
+    return f"onnx {onnx.__version__}, opset {opset}"
+
+
+def write_and_verify(fmt: str, model: nn.Module, im: torch.Tensor, file: Path, opset: int, dynamic: bool,
+                     simplify: bool) -> None:
+    """Write ``file`` in format ``fmt``, then compare it with ``model`` where this machine can run it."""
+    metadata = export_metadata(model, im, dynamic)
+    if fmt == "torchscript":
+        export_torchscript(model, im, file, metadata)
+    else:
+        export_onnx(model, im, file, metadata, opset, dynamic, simplify)
+    if parity_checkable(fmt, im):
+        verify_export(file, model, im, dynamic)
+    else:
+        LOGGER.warning(f"WARNING {file.name}: not compared with PyTorch (float16 ONNX needs ONNX Runtime's CUDA "
+                       "provider, which is not installed)")
+
+
 def export_one(fmt: str, model: nn.Module, im: torch.Tensor, file: Path, opset: int = DEFAULT_OPSET,
                dynamic: bool = False, simplify: bool = False) -> Path:
-    """Export ``model`` to ``file`` in format ``fmt`` and verify it; logs like upstream, raises ExportError."""
-    prefix = colorstr(f"{'TorchScript' if fmt == 'torchscript' else 'ONNX'}:")
-    t = time.time()
-    metadata = export_metadata(model, im, dynamic)
+    """Export ``model`` to ``file`` in format ``fmt`` and verify it; raises ExportError (the file removed)."""
+    label = colorstr(f"{'TorchScript' if fmt == 'torchscript' else 'ONNX'}:")
+    LOGGER.info(f"\n{label} writing {file.name} with {exporter_version(fmt, opset)}")
+    start = time.time()
     try:
-        if fmt == "torchscript":
-            LOGGER.info(f"\n{prefix} starting export with torch {torch.__version__}...")
-            export_torchscript(model, im, file, metadata)
-        else:
-            import onnx
-
-            LOGGER.info(f"\n{prefix} starting export with onnx {onnx.__version__} opset {opset}...")
-            export_onnx(model, im, file, metadata, opset, dynamic, simplify)
-        if parity_checkable(fmt, im):
-            verify_export(file, model, im, dynamic)
-        else:
-            LOGGER.warning(f"WARNING {prefix} parity check skipped: ONNX Runtime has no CUDA provider for float16")
+        write_and_verify(fmt, model, im, file, opset, dynamic, simplify)
     except Exception as e:
-        file.unlink(missing_ok=True)
-        external_data_file(file).unlink(missing_ok=True)
-        LOGGER.info(f"{prefix} export failure ❌ {time.time() - t:.1f}s: {e}")
+        for leftover in (file, external_data_file(file)):
+            leftover.unlink(missing_ok=True)
+        LOGGER.info(f"{label} failed after {time.time() - start:.1f}s: {e}")
         if isinstance(e, ExportError):
             raise
-        raise ExportError(f"{prefix} {file}: {e}") from e
-    LOGGER.info(f"{prefix} export success ✅ {time.time() - t:.1f}s, saved as {file} ({file_size(file):.1f} MB)")
+        raise ExportError(f"{label} {file}: {e}") from e
+    LOGGER.info(f"{label} done in {time.time() - start:.1f}s: {file} ({file_size(file):.1f} MB)")
     return file
 
 
@@ -261,10 +274,10 @@ def usage_lines(files: list[Path], imgsz: list[int], data: str | None, half: boo
         size = f" --imgsz {imgsz[0]} {imgsz[1]}" if imgsz != [640, 640] else ""
         val_size = f" --img {imgsz[0]}" if imgsz[0] == imgsz[1] and imgsz[0] != 640 else ""
         extra = (" --half" if half else "") + (f" --data {data}" if data else "")
-        lines += [f"Detect:          python detect.py --weights {f}{size}{' --half' if half else ''}",
-                  f"Validate:        python val.py --weights {f}{val_size}{extra}",
-                  f"PyTorch Hub:     model = torch.hub.load('{ROOT}', 'custom', path='{f}', source='local')"]
-    return "\n".join(lines + ["Visualize:       https://netron.app"])
+        lines += [f"Run it:          python detect.py --weights {f}{size}{' --half' if half else ''}",
+                  f"Score it:        python val.py --weights {f}{val_size}{extra}",
+                  f"From Python:     model = torch.hub.load('{ROOT}', 'custom', path='{f}', source='local')"]
+    return "\n".join(lines + ["View the graph:  https://netron.app"])
 
 
 def load_folded(weights: Path, device: torch.device, data: str | Path | None = None) -> nn.Module:
@@ -302,9 +315,9 @@ def run(
         raise UserInputError(f"--include {' '.join(unknown)}: not supported here; choose from {', '.join(FORMATS)}")
     device = select_device(device)
     if half and device.type == "cpu":
-        raise UserInputError("--half only compatible with GPU export, i.e. use --device 0")
+        raise UserInputError("--half exports need a CUDA device (e.g. --device 0), not the CPU")
     if half and dynamic:
-        raise UserInputError("--half not compatible with --dynamic, i.e. use either --half or --dynamic but not both")
+        raise UserInputError("--half and --dynamic cannot be combined: pick one of them")
     weights = Path(weights)
     model = load_folded(weights, device, data)
     imgsz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
@@ -315,8 +328,8 @@ def run(
     model = prepare_for_export(model, im, inplace, dynamic)
     with torch.no_grad():
         shape = tuple(model(im).shape)
-    LOGGER.info(f"\n{colorstr('PyTorch:')} starting from {weights} with output shape {shape} "
-                f"({file_size(weights):.1f} MB)")
+    LOGGER.info(f"\n{colorstr('PyTorch:')} {weights} ({file_size(weights):.1f} MB) loaded and folded; "
+                f"output {shape} for input {tuple(im.shape)}")
     files, failures = [], []
     for fmt in include:
         try:
@@ -325,25 +338,28 @@ def run(
             failures.append(str(e))
     if failures:
         raise ExportError("export failed: " + "; ".join(failures))
-    LOGGER.info(f"\nExport complete ({time.time() - t:.1f}s)\n"
-                f"Results saved to {colorstr('bold', weights.parent.resolve())}\n"
+    LOGGER.info(f"\n{len(files)} file(s) exported in {time.time() - t:.1f}s to "
+                f"{colorstr('bold', weights.parent.resolve())}\n"
                 f"{usage_lines(files, imgsz, str(data) if data else None, half)}")
     return files
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=str, default=None, help="dataset.yaml path (class names for models without)")
-    parser.add_argument("--weights", type=str, default=ROOT / "runs/train/exp/weights/best.pt", help="model.pt path")
-    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640, 640], help="image (h, w)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size")
-    parser.add_argument("--device", default="cpu", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
-    parser.add_argument("--half", action="store_true", help="FP16 half-precision export (CUDA only)")
-    parser.add_argument("--inplace", action="store_true", help="set YOLOv5 Detect() inplace=True")
-    parser.add_argument("--dynamic", action="store_true", help="ONNX/TorchScript: dynamic batch and image size")
-    parser.add_argument("--simplify", action="store_true", help="ONNX: simplify model (onnxslim or onnxsim)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX: opset version")
-    parser.add_argument("--include", nargs="+", default=["torchscript"], help="torchscript, onnx")
+    parser.add_argument("--data", type=str, default=None,
+                        help="data YAML supplying class names when the checkpoint has only placeholders")
+    parser.add_argument("--weights", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
+                        help="the .pt checkpoint to export")
+    parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640, 640],
+                        help="input size the model is traced at: height width, or one number for both")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size the model is traced at")
+    parser.add_argument("--device", default="cpu", help="where to trace: cpu, or a CUDA index such as 0")
+    parser.add_argument("--half", action="store_true", help="export float16 weights and input (CUDA only)")
+    parser.add_argument("--inplace", action="store_true", help="let the Detect head decode boxes in place")
+    parser.add_argument("--dynamic", action="store_true", help="accept any batch size and image size")
+    parser.add_argument("--simplify", action="store_true", help="ONNX: run onnxslim (or onnxsim) on the graph")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX: operator set version to target")
+    parser.add_argument("--include", nargs="+", default=["torchscript"], help="formats to write: torchscript, onnx")
     return parser.parse_args(argv)
 
 

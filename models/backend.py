@@ -15,7 +15,9 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import re
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -37,6 +39,11 @@ SUFFIXES = (".pt", ".torchscript", ".onnx")
 ONNX_METADATA_KEY = "metadata"
 TORCHSCRIPT_METADATA_FILE = "config.txt"
 DEFAULT_STRIDE = 32  # for foreign exports without metadata
+
+# The closing timing line of detect.py, val.py and Detections.print(); SPEED_PATTERN reads its three numbers
+# (pre-processing, inference, NMS; ms per image) and also those of upstream YOLOv5's "Speed: ..." line.
+SPEED_FORMAT = "Time per image: {:.1f} ms preprocessing, {:.1f} ms inference, {:.1f} ms NMS; input {}"
+SPEED_PATTERN = re.compile(r"([\d.]+) ?ms pre-?process(?:ing)?, ([\d.]+) ?ms inference, ([\d.]+) ?ms NMS")
 
 
 def read_metadata(text: str | None, source: Path) -> dict:
@@ -74,8 +81,8 @@ def names_from_data(data: str | Path) -> dict[int, str]:
 class InferenceBackend(nn.Module):
     """Runs a detector from a weights file and returns the decoded predictions (b, n, 5 + nc), pixels.
 
-    ``.pt`` models are folded (``fuse``) first, and on the CPU run channels-last (NHWC, measured 1.27-1.61x
-    faster for yolov5s, see docs/BENCHMARKS.md); ``.torchscript`` and ``.onnx`` files carry stride and names
+    ``.pt`` models are folded (``fuse``) first, and on the CPU run channels-last (NHWC, oneDNN's preferred
+    layout; see docs/BENCHMARKS.md); ``.torchscript`` and ``.onnx`` files carry stride and names
     as metadata (``data``: a data YAML whose names are used for files without it). ``fp16`` runs half
     precision (CUDA only). ``dnn`` runs ONNX files with OpenCV DNN instead of ONNX Runtime.
     ``static_shape`` is the (b, 3, h, w) input a fixed-shape export needs (None: any shape); larger or
@@ -172,18 +179,23 @@ class InferenceBackend(nn.Module):
         if self.kind == ".torchscript":
             y = self.model(im.half() if self.fp16 else im.float())
             return (y[0] if isinstance(y, (list, tuple)) else y).float()
-        x = im.detach().cpu().numpy().astype(np.float16 if self.fp16 else np.float32)
-        if self.net is not None:
-            self.net.setInput(x)
-            y = self.net.forward()
-        else:
-            y = self.session.run(None, {self.input_name: x})[0]
-        return torch.from_numpy(np.asarray(y)).to(self.device).float()
+        host_input = im.detach().to("cpu", torch.float16 if self.fp16 else torch.float32).numpy()
+        out = self._run_onnx(host_input)
+        return torch.as_tensor(np.asarray(out), device=self.device).to(torch.float32)
+
+    def _run_onnx(self, host_input: np.ndarray) -> np.ndarray:
+        """The first output of the ONNX graph (OpenCV DNN net or ONNX Runtime session) for a host array."""
+        if self.net is None:
+            return self.session.run(None, {self.input_name: host_input})[0]
+        self.net.setInput(host_input)
+        return self.net.forward()
 
     def warmup(self, imgsz: tuple = (1, 3, 640, 640)) -> None:
-        """One forward pass on a blank image (allocations, lazy initialisation), CUDA only."""
-        if self.device.type == "cuda":
-            self.forward(torch.zeros(*(self.static_shape or imgsz), device=self.device))
+        """On CUDA, run once on a black batch so that kernel selection and allocations happen before timing."""
+        if self.device.type != "cuda":
+            return
+        shape = tuple(self.static_shape or imgsz)
+        self.forward(torch.full(shape, 0.0, device=self.device))
 
 
 class Stopwatch:
@@ -199,6 +211,16 @@ class Stopwatch:
     def __exit__(self, *exc):
         self.dt = time_sync() - self.start
         self.t += self.dt
+
+
+def mean_ms(watches: Iterable[Stopwatch], images: int) -> tuple[float, ...]:
+    """Each stopwatch's total as milliseconds per image (``images`` counted as at least one)."""
+    return tuple(1e3 * w.t / max(images, 1) for w in watches)
+
+
+def speed_summary(ms: Sequence[float], shape) -> str:
+    """The timing line (see SPEED_FORMAT) for (pre-processing, inference, NMS) ms per image and the input shape."""
+    return SPEED_FORMAT.format(*ms, tuple(shape) if shape is not None else "?")
 
 
 def class_counts(det: torch.Tensor, names: dict[int, str]) -> list[str]:
@@ -259,22 +281,37 @@ class AutoShape(nn.Module):
         device, dtype = model_device_dtype(self.model)
         if isinstance(ims, torch.Tensor):
             return self.model(ims.to(device, dtype), augment=augment)
-        timers = Stopwatch(), Stopwatch(), Stopwatch()
-        with timers[0]:
-            images, files = zip(*(load_rgb(im, i) for i, im in enumerate(ims if isinstance(ims, (list, tuple))
-                                                                          else [ims])))
-            shape = self._batch_shape([im.shape[:2] for im in images], size)
-            batch = np.stack([letterbox(im, shape, auto=False)[0] for im in images]).transpose(0, 3, 1, 2)
-            x = torch.from_numpy(np.ascontiguousarray(batch)).to(device, dtype) / 255
-        with timers[1]:
-            y = self.model(x, augment=augment)
-            y = y[0] if isinstance(y, (list, tuple)) else y
-        with timers[2]:
-            preds = non_max_suppression(y, self.conf, self.iou, self.classes, self.agnostic, self.multi_label,
-                                        max_det=self.max_det)
-            for det, im in zip(preds, images):
-                scale_boxes(x.shape[2:], det[:, :4], im.shape[:2])
-        return Detections(list(images), preds, list(files), timers, self.names, tuple(x.shape))
+        prep, infer, nms = Stopwatch(), Stopwatch(), Stopwatch()
+        with prep:
+            originals, files = self._load_all(ims)
+            x = self._input_batch(originals, size).to(device, dtype)
+        with infer:
+            raw = self.model(x, augment=augment)
+        with nms:
+            dets = non_max_suppression(raw[0] if isinstance(raw, (list, tuple)) else raw, self.conf, self.iou,
+                                       self.classes, self.agnostic, self.multi_label, max_det=self.max_det)
+            dets = [self._to_original(d, x.shape[2:], im) for d, im in zip(dets, originals)]
+        times = mean_ms((prep, infer, nms), len(originals))
+        return Detections(originals, dets, files, times, self.names, tuple(x.shape))
+
+    @staticmethod
+    def _load_all(ims) -> tuple[list[np.ndarray], list[str]]:
+        """RGB arrays and file names of one image or a list/tuple of them."""
+        batch = list(ims) if isinstance(ims, (list, tuple)) else [ims]
+        loaded = [load_rgb(item, k) for k, item in enumerate(batch)]
+        return [array for array, _ in loaded], [name for _, name in loaded]
+
+    def _input_batch(self, originals: list[np.ndarray], size: int | tuple[int, int]) -> torch.Tensor:
+        """Float (b, 3, h, w) batch in [0, 1]: every image letterboxed to one common shape."""
+        common = self._batch_shape([im.shape[:2] for im in originals], size)
+        hwc = torch.stack([torch.from_numpy(letterbox(im, common, auto=False)[0]) for im in originals])
+        return hwc.permute(0, 3, 1, 2).contiguous().float().div_(255)
+
+    @staticmethod
+    def _to_original(det: torch.Tensor, input_hw, original: np.ndarray) -> torch.Tensor:
+        """``det`` with its boxes moved (in place) from letterboxed input pixels to ``original``'s pixels."""
+        scale_boxes(input_hw, det[:, :4], original.shape[:2])
+        return det
 
     def _batch_shape(self, shapes: list[tuple[int, int]], size: int | tuple[int, int]) -> tuple[int, int]:
         """Common letterbox shape: each image scaled so its long side fits ``size``, rounded up to the stride."""
@@ -287,35 +324,49 @@ class AutoShape(nn.Module):
         return make_divisible(h, self.stride), make_divisible(w, self.stride)
 
 
+def centre_form(det: torch.Tensor) -> torch.Tensor:
+    """Detection rows [x1, y1, x2, y2, ...] -> [cx, cy, w, h, ...] (extra columns kept)."""
+    return torch.cat((xyxy2xywh(det[:, :4]), det[:, 4:]), 1)
+
+
+def normalised(det: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Detection rows with the four box columns divided by the image size (x by ``width``, y by ``height``)."""
+    divisor = det.new_ones(det.shape[1])
+    divisor[:4] = det.new_tensor((width, height)).repeat(2)
+    return det / divisor
+
+
 class Detections:
-    """Detections on a batch of images: per image a tensor (n, 6) of [box, confidence, class] rows."""
+    """Detections on a batch of images: per image a tensor (n, 6) of [box, confidence, class] rows.
+
+    ``times``: (pre-processing, inference, NMS) milliseconds per image; ``shape``: the model's input batch shape.
+    """
 
     XYXY_COLUMNS = ("xmin", "ymin", "xmax", "ymax", "confidence", "class", "name")
     XYWH_COLUMNS = ("xcenter", "ycenter", "width", "height", "confidence", "class", "name")
 
-    def __init__(self, ims: list[np.ndarray], pred: list[torch.Tensor], files: list[str], timers=None,
-                 names: dict[int, str] | None = None, shape: tuple | None = None):
-        self.ims, self.pred, self.files = ims, pred, files
+    def __init__(self, ims: list[np.ndarray], pred: list[torch.Tensor], files: list[str],
+                 times: Sequence[float] = (0.0, 0.0, 0.0), names: dict[int, str] | None = None,
+                 shape: tuple | None = None):
+        self.ims, self.pred, self.files = list(ims), list(pred), list(files)
         self.names = names or {}
-        self.n = len(pred)
-        self.s = shape
-        self.t = tuple(x.t / max(self.n, 1) * 1e3 for x in timers) if timers else (0.0, 0.0, 0.0)
-        gains = [torch.tensor([im.shape[1], im.shape[0]] * 2 + [1, 1], device=p.device) for im, p in zip(ims, pred)]
-        self.xyxy = pred
-        self.xywh = [xyxy2xywh(p) for p in pred]
-        self.xyxyn = [p / g for p, g in zip(self.xyxy, gains)]
-        self.xywhn = [p / g for p, g in zip(self.xywh, gains)]
+        self.n, self.s, self.t = len(self.pred), shape, tuple(times)
+        sizes = [im.shape[1::-1] for im in self.ims]  # (width, height) per image
+        self.xyxy = self.pred
+        self.xywh = [centre_form(det) for det in self.pred]
+        self.xyxyn = [normalised(det, *wh) for det, wh in zip(self.xyxy, sizes)]
+        self.xywhn = [normalised(det, *wh) for det, wh in zip(self.xywh, sizes)]
 
     def __len__(self) -> int:
         return self.n
 
     def __str__(self) -> str:
-        lines = []
-        for i, (im, det) in enumerate(zip(self.ims, self.pred)):
-            counts = ", ".join(class_counts(det, self.names)) or "(no detections)"
-            lines.append(f"image {i + 1}/{self.n}: {im.shape[0]}x{im.shape[1]} {counts}")
-        lines.append(f"Speed: %.1fms pre-process, %.1fms inference, %.1fms NMS per image at shape {self.s}" % self.t)
-        return "\n".join(lines)
+        report = []
+        for number, (im, det) in enumerate(zip(self.ims, self.pred), start=1):
+            found = ", ".join(class_counts(det, self.names)) or "(no detections)"
+            report.append(f"image {number}/{self.n}: {im.shape[0]}x{im.shape[1]} {found}")
+        report.append(speed_summary(self.t, self.s))
+        return "\n".join(report)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} of {self.n} image(s)>\n{self}"
@@ -325,42 +376,41 @@ class Detections:
 
     def render(self, labels: bool = True) -> list[np.ndarray]:
         """Copies of the images (RGB) with boxes, and class name + confidence labels when ``labels``."""
-        out = []
-        for im, det in zip(self.ims, self.pred):
-            annotator = Annotator(im.copy(), example=str(self.names))
-            for *box, conf, cls in reversed(det.tolist()):
-                label = f"{self.names[int(cls)]} {conf:.2f}" if labels else ""
-                annotator.box_label(box, label, color=colors(int(cls)))
-            out.append(annotator.result())
-        return out
+        return [self._draw(im, det, labels) for im, det in zip(self.ims, self.pred)]
+
+    def _draw(self, im: np.ndarray, det: torch.Tensor, labels: bool) -> np.ndarray:
+        canvas = Annotator(im.copy(), example=str(self.names))
+        for row in det.flip(0).tolist():  # lowest confidence first, so the best boxes end up on top
+            cls = int(row[5])
+            canvas.box_label(row[:4], f"{self.names[cls]} {row[4]:.2f}" if labels else "", color=colors(cls))
+        return canvas.result()
 
     def save(self, labels: bool = True, save_dir: str | Path = "runs/detect/exp", exist_ok: bool = False) -> Path:
         """Write the annotated images to ``save_dir`` (incremented unless ``exist_ok``); returns the folder."""
-        save_dir = increment_path(save_dir, exist_ok=exist_ok, mkdir=True)
-        for im, name in zip(self.render(labels), self.files):
-            Image.fromarray(im).save(save_dir / name)
-        LOGGER.info(f"Saved {self.n} image{'s' * (self.n > 1)} to {save_dir}")
-        return save_dir
+        folder = increment_path(save_dir, exist_ok=exist_ok, mkdir=True)
+        for name, picture in zip(self.files, self.render(labels)):
+            Image.fromarray(picture).save(folder / name)
+        LOGGER.info(f"Saved {self.n} image{'s' * (self.n > 1)} to {folder}")
+        return folder
 
     def pandas(self) -> Detections:
         """A copy whose xyxy, xyxyn, xywh and xywhn are lists of DataFrames (one per image)."""
         import pandas as pd  # only here: keeps pandas out of the scripts' start-up
 
+        def frame(rows: torch.Tensor, columns: tuple[str, ...]) -> pd.DataFrame:
+            table = pd.DataFrame(rows[:, :5].tolist(), columns=list(columns[:5]))
+            classes = rows[:, 5].long().tolist()
+            table[columns[5]] = classes
+            table[columns[6]] = [self.names[c] for c in classes]
+            return table
+
         new = copy.copy(self)
-        for key, columns in (("xyxy", self.XYXY_COLUMNS), ("xyxyn", self.XYXY_COLUMNS),
-                             ("xywh", self.XYWH_COLUMNS), ("xywhn", self.XYWH_COLUMNS)):
-            frames = []
-            for boxes in getattr(self, key):
-                rows = [[*r[:5], int(r[5]), self.names[int(r[5])]] for r in boxes.tolist()]
-                frames.append(pd.DataFrame(rows, columns=list(columns)))
-            setattr(new, key, frames)
+        for key in ("xyxy", "xyxyn", "xywh", "xywhn"):
+            columns = self.XYXY_COLUMNS if key.startswith("xyxy") else self.XYWH_COLUMNS
+            setattr(new, key, [frame(rows, columns) for rows in getattr(self, key)])
         return new
 
     def tolist(self) -> list[Detections]:
         """One ``Detections`` per image."""
-        out = []
-        for i in range(self.n):
-            single = Detections([self.ims[i]], [self.pred[i]], [self.files[i]], names=self.names, shape=self.s)
-            single.t = self.t
-            out.append(single)
-        return out
+        return [Detections([im], [det], [name], self.t, self.names, self.s)
+                for im, det, name in zip(self.ims, self.pred, self.files)]

@@ -21,6 +21,8 @@ import pytest
 import torch
 
 import export
+from detect import save_one_box
+from models.backend import SPEED_PATTERN, speed_summary
 from models.yolo import DetectionModel
 from tests.helpers import ROOT, SHARED
 from utils.boxes import box_iou, xywh2xyxy
@@ -132,10 +134,34 @@ def test_outputs_are_saved_and_parse(runs):
     n_files = len(IMAGES) + 1  # clip.mp4 sorts first
     assert re.search(rf"video 1/{n_files} \(1/{VIDEO_FRAMES}\) .*clip\.mp4: {IMGSZ}x{IMGSZ} (\d+ \w+, )+[\d.]+ms", log)
     assert re.search(rf"image 2/{n_files} .*shapes1\.jpg: {IMGSZ}x{IMGSZ} (\d+ \w+, )+[\d.]+ms", log)
-    assert re.search(rf"Speed: [\d.]+ms pre-process, [\d.]+ms inference, [\d.]+ms NMS per image at shape "
-                     rf"\(1, 3, {IMGSZ}, {IMGSZ}\)", log)
-    assert f"Results saved to {save_dir}" in log and f"{len(labels)} labels saved to {save_dir / 'labels'}" in log
+    speed = SPEED_PATTERN.search(log)
+    assert speed and all(float(ms) >= 0 for ms in speed.groups()) and f"input (1, 3, {IMGSZ}, {IMGSZ})" in log
+    assert f"Outputs written to {save_dir}" in log and f"{len(labels)} label files in {save_dir / 'labels'}" in log
     assert "WARNING --view-img: no display available" in log
+
+
+def test_save_one_box_grows_clips_and_squares_the_crop(tmp_path: Path):
+    """Box sides scaled by 1.02 plus 10 px about the centre, edges truncated, clipped to the image; crops
+    written as numbered JPEGs."""
+    image = np.random.default_rng(0).integers(0, 255, (100, 200, 3), dtype=np.uint8)
+    file = tmp_path / "crops" / "RBC" / "a.jpg"
+    crop = save_one_box([50, 20, 90, 40], image, file)
+    # width 40 -> 50.8 about x 70: columns 44.6-95.4 -> 44:95; height 20 -> 30.4 about y 30: rows 14.8-45.2 -> 14:45
+    np.testing.assert_array_equal(crop, image[14:45, 44:95])
+    save_one_box([50, 20, 90, 40], image, file)
+    assert sorted(f.name for f in file.parent.iterdir()) == ["a.jpg", "a2.jpg"]
+    square = save_one_box([50, 20, 90, 40], image, tmp_path / "b.jpg", square=True, save=False)
+    np.testing.assert_array_equal(square, image[4:55, 44:95])  # both sides from the longer one (40)
+    np.testing.assert_array_equal(save_one_box([-5, -5, 10, 10], image, file, save=False), image[0:15, 0:15])
+    np.testing.assert_array_equal(save_one_box([190, 90, 210, 110], image, file, save=False), image[84:, 184:])
+    assert not (tmp_path / "b.jpg").exists()
+
+
+def test_speed_pattern_reads_our_line_and_upstreams():
+    ours = speed_summary((1.25, 30.0, 0.5), (1, 3, 320, 320))
+    upstream = "Speed: 2.2ms pre-process, 131.4ms inference, 78.0ms NMS per image at shape (32, 3, 640, 640)"
+    assert SPEED_PATTERN.search(ours).groups() == ("1.2", "30.0", "0.5")
+    assert SPEED_PATTERN.search(upstream).groups() == ("2.2", "131.4", "78.0")
 
 
 def test_offline_stream_fails_fast(weights: Path, tmp_path: Path):

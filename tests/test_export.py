@@ -3,9 +3,8 @@
 Whole models run at 64x96 (64x128 for stride-64 models) with nc 3 and one thread (OpenMP threads spin on
 the shared 2-core machine and multiply CPU time). The per-YAML test builds each YAML at a quarter of its
 width: same rows, blocks, depths, kernels and RevCol columns, so the same operators are exported, at a
-fraction of the weights. Measured (CPU seconds, one thread): at full width all YAMLs but RevCol-xlarge take
-~70 s and RevCol-xlarge alone 52 s (846M parameters, 7.6 GB peak memory, a 3.4 GB ONNX with external
-data); at quarter width all 25 YAMLs take ~25 s.
+fraction of the weights and time (the largest YAML, RevCol-xlarge, would need several GB and an ONNX file
+with external data at full width).
 """
 
 from __future__ import annotations
@@ -39,8 +38,9 @@ TOLERANCE = 1e-4  # relative error (max |a - b| / max |b|) between exported and 
 
 def narrow_revcol(variant: str, divisor: int, c1: int = 3) -> revcol.FullNet:
     """A RevCol variant with its channels divided by ``divisor`` (same blocks per level and columns)."""
-    channels, layers, columns, _ = revcol.VARIANTS[variant]
-    return revcol.FullNet([c // divisor for c in channels], layers, columns, in_channels=c1)
+    config = revcol.VARIANTS[variant]
+    return revcol.FullNet([c // divisor for c in config["channels"]], config["layers"], config["num_subnet"],
+                          in_channels=c1)
 
 
 def narrowed_model_dict(cfg: Path, divisor: int) -> tuple[dict, dict]:
@@ -194,7 +194,7 @@ def test_export_rejects_bad_requests(tmp_path: Path, checkpoint):
     path, _ = checkpoint
     with pytest.raises(UserInputError, match="--include openvino: not supported"):
         export.run(weights=path, include=["openvino"])
-    with pytest.raises(UserInputError, match="--half only compatible with GPU export"):
+    with pytest.raises(UserInputError, match="--half exports need a CUDA device"):
         export.run(weights=path, include=["onnx"], half=True, device="cpu")
     with pytest.raises(UserInputError, match="file not found"):
         export.run(weights=tmp_path / "missing.pt", include=["onnx"])

@@ -15,7 +15,7 @@ from PIL import Image
 from export import export_metadata, export_onnx, prepare_for_export
 from tests.helpers import ROOT
 from tests.test_detect import trained_checkpoint
-from models.backend import AutoShape, Detections
+from models.backend import SPEED_PATTERN, AutoShape, Detections
 from utils.boxes import xyxy2xywh
 from models.loading import build_model
 from utils.checkpoint import load_checkpoint
@@ -49,7 +49,8 @@ def test_detections_api(results: Detections, tmp_path: Path):
     assert all(len(d) > 0 and d.shape[1] == 6 for d in results.xyxy)
     gain = torch.tensor([320, 320, 320, 320, 1, 1])
     for xyxy, xywh, xyxyn, xywhn in zip(results.xyxy, results.xywh, results.xyxyn, results.xywhn):
-        torch.testing.assert_close(xywh, xyxy2xywh(xyxy))
+        torch.testing.assert_close(xywh[:, :4], xyxy2xywh(xyxy[:, :4]))
+        torch.testing.assert_close(xywh[:, 4:], xyxy[:, 4:])  # confidence and class columns carried over
         torch.testing.assert_close(xyxyn * gain, xyxy)
         torch.testing.assert_close(xywhn * gain, xywh)
         assert (xyxy[:, 4] >= 0.25).all() and (xyxy[:, :4] >= 0).all() and (xyxy[:, :4] <= 320).all()
@@ -63,7 +64,9 @@ def test_detections_api(results: Detections, tmp_path: Path):
     singles = results.tolist()
     assert [len(s) for s in singles] == [1, 1] and torch.equal(singles[1].xyxy[0], results.xyxy[1])
     text = str(results)
-    assert text.startswith("image 1/2: 320x320 ") and f"at shape (2, 3, {SIZE}, {SIZE})" in text
+    assert text.startswith("image 1/2: 320x320 ") and f"input (2, 3, {SIZE}, {SIZE})" in text
+    speed = SPEED_PATTERN.search(text)
+    assert speed and tuple(map(float, speed.groups())) == tuple(round(t, 1) for t in results.t)
     saved = results.save(save_dir=tmp_path / "exp")
     assert sorted(p.name for p in saved.iterdir()) == ["shapes1.jpg", "shapes2.jpg"]
     assert cv2.imread(str(saved / "shapes1.jpg")).shape == (320, 320, 3)

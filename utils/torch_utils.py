@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 import os
@@ -9,6 +10,7 @@ import platform
 import random
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,8 +51,8 @@ def init_seeds(seed: int = 0, deterministic: bool = False) -> None:
     torch.cuda.manual_seed_all(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-        # deterministic mode also fills every new tensor with NaN to expose reads of uninitialised memory: 6% of a
-        # CPU training step (yolov5s, 320, batch 16) and no effect on results, so it is switched off
+        # deterministic mode also fills every new tensor with NaN to expose reads of uninitialised memory; that
+        # costs time in every training step and changes no result, so it is switched off (docs/BENCHMARKS.md)
         torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.deterministic = True
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
@@ -60,9 +62,9 @@ def retain_freed_memory() -> bool:
     """Let freed tensor memory stay in the process for the next allocation instead of going back to the OS.
 
     glibc returns large freed blocks (mmap'ed ones, and the heap's free top) to the OS, so an eager CPU training
-    step, which frees and re-allocates its activations, page-faults them in again every step (0.5-1 GB for yolov5s
-    at 320, batch 16; the step ran 1.03-1.25x faster without). With mmap off and trimming raised to 2 GiB the step
-    runs without faults. The resident size stays at its peak, which fragmentation raised by 4-5% in train.py runs.
+    step, which frees and re-allocates its activations, page-faults them in again every step. With mmap off and
+    trimming raised to 2 GiB the step runs without faults; the resident size then stays at its peak (a little
+    higher, as the heap fragments). Measurements: docs/BENCHMARKS.md.
     Process-wide, for the training scripts' processes; glibc (Linux) only. Returns whether it applied.
     """
     if platform.libc_ver()[0] != "glibc":
@@ -119,22 +121,28 @@ def model_gflops(model: nn.Module, imgsz: int | list = 640) -> float | None:
     return flops / 1e9 * imgsz[0] / stride * imgsz[1] / stride
 
 
+def log_parameter_table(model: nn.Module) -> None:
+    """One line per parameter tensor: index, name, trainable, size, shape, mean, standard deviation, dtype."""
+    LOGGER.info(f"{'#':>5} {'parameter':>40} {'trainable':>9} {'numel':>12} {'shape':>20} {'mean':>10} {'std':>10}")
+    for index, (name, t) in enumerate(model.named_parameters()):
+        spread = t.std().item() if t.numel() > 1 else 0.0
+        LOGGER.info(f"{index:5d} {name:>40} {t.requires_grad!s:>9} {t.numel():12d} {list(t.shape)!s:>20} "
+                    f"{t.mean().item():10.3g} {spread:10.3g} {t.dtype}")
+
+
 def model_info(model: nn.Module, verbose: bool = False, imgsz: int | list = 640) -> tuple[int, int, int, float | None]:
-    """Log 'NAME summary: L layers, P parameters, G gradients, F GFLOPs' and return those figures."""
-    n_p = sum(x.numel() for x in model.parameters())
-    n_g = sum(x.numel() for x in model.parameters() if x.requires_grad)
-    n_l = len(list(model.modules()))
+    """Log 'NAME summary: P parameters (T trainable), M modules, F GFLOPs'; returns (M, P, T, F)."""
+    sizes = [(t.numel(), t.requires_grad) for t in model.parameters()]
+    n_params, n_trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
+    n_modules = sum(1 for _ in model.modules())
     if verbose:
-        LOGGER.info(f"{'layer':>5} {'name':>40} {'gradient':>9} {'parameters':>12} {'shape':>20} {'mu':>10} {'sigma':>10}")
-        for i, (name, p) in enumerate(model.named_parameters()):
-            LOGGER.info(f"{i:5g} {name:>40} {str(p.requires_grad):>9} {p.numel():12g} {str(list(p.shape)):>20} "
-                        f"{p.mean():10.3g} {p.std() if p.numel() > 1 else 0:10.3g} {p.dtype}")
+        log_parameter_table(model)
     gflops = model_gflops(model, imgsz)
-    fs = f", {gflops:.1f} GFLOPs" if gflops is not None else ""
-    name = getattr(model, "yaml_file", "") or "Model"
-    name = os.path.splitext(os.path.basename(str(name)))[0].replace("yolov5", "YOLOv5")
-    LOGGER.info(f"{name} summary: {n_l} layers, {n_p} parameters, {n_g} gradients{fs}")
-    return n_l, n_p, n_g, gflops
+    source = Path(str(getattr(model, "yaml_file", "") or "Model")).stem
+    flops = "" if gflops is None else f", {gflops:.1f} GFLOPs"
+    LOGGER.info(f"{source.replace('yolov5', 'YOLOv5')} summary: {n_params} parameters ({n_trainable} trainable), "
+                f"{n_modules} modules{flops}")
+    return n_modules, n_params, n_trainable, gflops
 
 
 def profile_layer(m: nn.Module, x, runs: int = 10) -> tuple[float, float]:
@@ -151,24 +159,38 @@ def profile_layer(m: nn.Module, x, runs: int = 10) -> tuple[float, float]:
 
 @contextmanager
 def torch_distributed_zero_first(local_rank: int):
-    """Let rank 0 do something (e.g. caching a dataset) while the other ranks wait at a barrier."""
-    if local_rank not in {-1, 0}:
-        torch.distributed.barrier()
+    """Run the ``with`` block on the local leader (rank 0) before the other ranks of a DDP run.
+
+    The other ranks (``local_rank`` > 0) wait at a barrier that the leader reaches only after its block, so that,
+    e.g., a dataset cache it writes exists when they read it. Without DDP (``local_rank`` -1) nothing waits.
+    """
+    follower = local_rank > 0
+    if follower:
+        torch.distributed.barrier()  # released once the leader has finished its block
     yield
     if local_rank == 0:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # releases the followers
+
+
+TTA_PAD_VALUE = 0.447  # grey fill of scale_img's padding (a mean image intensity in [0, 1])
 
 
 def scale_img(img: torch.Tensor, ratio: float = 1.0, same_shape: bool = False, gs: int = 32) -> torch.Tensor:
-    """Resize a batch by ``ratio`` and pad (value 0.447, the ImageNet mean) to a multiple of ``gs``."""
+    """A (b, c, h, w) batch resized by ``ratio`` (bilinear), for test-time augmentation.
+
+    The result is placed at the top left of a canvas filled with TTA_PAD_VALUE: of the original size with
+    ``same_shape`` (cropped when ``ratio`` > 1), else of the scaled size rounded up to multiples of ``gs``.
+    """
     if ratio == 1.0:
         return img
-    h, w = img.shape[2:]
-    size = (int(h * ratio), int(w * ratio))
-    img = nn.functional.interpolate(img, size=size, mode="bilinear", align_corners=False)
-    if not same_shape:
-        h, w = (math.ceil(x * ratio / gs) * gs for x in (h, w))
-    return nn.functional.pad(img, [0, w - size[1], 0, h - size[0]], value=0.447)
+    original = img.shape[-2:]
+    scaled = [int(n * ratio) for n in original]
+    canvas = list(original) if same_shape else [gs * math.ceil(n * ratio / gs) for n in original]
+    resized = nn.functional.interpolate(img, size=scaled, mode="bilinear", align_corners=False)
+    out = resized.new_full((*img.shape[:-2], *canvas), TTA_PAD_VALUE)
+    rows, cols = min(scaled[0], canvas[0]), min(scaled[1], canvas[1])
+    out[..., :rows, :cols] = resized[..., :rows, :cols]
+    return out
 
 
 def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.001, momentum: float = 0.9, decay: float = 1e-5,
@@ -203,59 +225,64 @@ def smart_optimizer(model: nn.Module, name: str = "SGD", lr: float = 0.001, mome
     return optimizer
 
 
-class ModelEMA(torch.optim.swa_utils.AveragedModel):
-    """Exponential moving average of a model's weights and buffers, with upstream's warm-up ramp:
-    decay = d * (1 - exp(-updates / tau)), so early updates follow the model closely."""
+def ema_decay(updates: int, decay: float = 0.9999, tau: float = 2000.0) -> float:
+    """Weight of the old average at update number ``updates`` (1, 2, ...): it ramps from 0 towards ``decay``
+    with time constant ``tau``, so the first updates follow the model closely."""
+    return decay * (1 - math.exp(-updates / tau))
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000, updates: int = 0):
-        def ema_update(ema_tensors: list, model_tensors: list, num_averaged) -> None:
-            if not ema_tensors[0].is_floating_point():  # e.g. num_batches_tracked: copied
-                for e, m in zip(ema_tensors, model_tensors):
-                    e.copy_(m)
-                return
-            d = decay * (1 - math.exp(-(int(num_averaged) + 1) / tau))
-            torch._foreach_lerp_(ema_tensors, model_tensors, 1 - d)
 
-        super().__init__(de_parallel(model), multi_avg_fn=ema_update, use_buffers=True)
-        self.n_averaged.fill_(updates)
-        self.module.eval()
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+class ModelEMA:
+    """Exponential moving average of a model's floating-point weights and buffers (YOLOv5's EMA): after each optimizer
+    step, average = d * average + (1 - d) * model with d = ``ema_decay(updates)``. Integer buffers (batch counters)
+    keep their value. ``ema`` (also ``module``) is the averaged model, in eval mode and without gradients."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0):
+        self.ema = copy.deepcopy(de_parallel(model)).eval()
+        self.ema.requires_grad_(False)
+        self.decay, self.tau, self.updates = decay, tau, updates
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ema
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.update_parameters(de_parallel(model))
-
-    @property
-    def updates(self) -> int:
-        return int(self.n_averaged)
-
-    @property
-    def ema(self) -> nn.Module:
-        return self.module
+        self.updates += 1
+        current = de_parallel(model).state_dict()
+        pairs = [(v, current[k].detach()) for k, v in self.ema.state_dict().items() if v.is_floating_point()]
+        averages, values = (list(x) for x in zip(*pairs))
+        d = ema_decay(self.updates, self.decay, self.tau)
+        torch._foreach_mul_(averages, d)
+        torch._foreach_add_(averages, torch._foreach_mul(values, 1 - d))
 
 
 class EarlyStopping:
-    """Stop when fitness has not improved for ``patience`` epochs."""
+    """Ends training once fitness has gone ``patience`` epochs without improving (0 or None: never).
+
+    Calling it with (epoch, fitness) records a new best when fitness is at least the best so far and returns
+    True when ``epoch - best_epoch >= patience``. ``possible_stop`` says the next epoch may be the last.
+    """
 
     def __init__(self, patience: int = 30):
-        self.best_fitness = 0.0
-        self.best_epoch = 0
-        self.patience = patience or float("inf")
+        self.patience = patience if patience else math.inf
+        self.best_fitness, self.best_epoch = 0.0, 0
         self.possible_stop = False
+
+    def stale_epochs(self, epoch: int) -> int:
+        """Epochs since the best one."""
+        return epoch - self.best_epoch
 
     def __call__(self, epoch: int, fitness: float) -> bool:
         if fitness >= self.best_fitness:
-            self.best_epoch, self.best_fitness = epoch, fitness
-        delta = epoch - self.best_epoch
-        self.possible_stop = delta >= self.patience - 1
-        stop = delta >= self.patience
-        if stop:
-            LOGGER.info(f"Stopping training early as no improvement observed in last {self.patience} epochs. "
-                        f"Best results observed at epoch {self.best_epoch}, best model saved as best.pt.\n"
-                        f"To update EarlyStopping(patience={self.patience}) pass a new patience value, "
-                        f"i.e. `python train.py --patience 300` or use `--patience 0` to disable EarlyStopping.")
-        return stop
+            self.best_fitness, self.best_epoch = fitness, epoch
+        stale = self.stale_epochs(epoch)
+        self.possible_stop = stale + 1 >= self.patience
+        if stale < self.patience:
+            return False
+        LOGGER.info(f"EarlyStopping: no better fitness in the {stale} epochs since epoch {self.best_epoch} "
+                    f"(patience {self.patience}), so training ends here; best.pt holds that epoch's weights. "
+                    "Pass a larger --patience to train on, or --patience 0 to never stop early.")
+        return True
 
 
 class ShapeCompiledForward:
