@@ -24,54 +24,99 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
-from torch.optim import lr_scheduler
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
 
-import val as validate  # noqa: E402
-from models.common import BatchNorm2d  # noqa: E402
+from models.loading import build_model, transfer_weights  # noqa: E402
+from models.memory_format import MEMORY_FORMATS, channels_last_training  # noqa: E402
 from models.yolo import DetectionModel, find_model_yaml  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
-from models.loading import build_model, transfer_weights  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
-    load_checkpoint, make_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state,
-    strip_optimizer,
+    load_checkpoint, make_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state, strip_optimizer,
 )
 from utils.dataloaders import create_dataloader, epoch_seeds  # noqa: E402
 from utils.datasets_check import check_dataset  # noqa: E402
 from utils.general import (  # noqa: E402
-    LOGGER, UserInputError, check_img_size, colorstr, increment_path, print_args, set_logging, yaml_load, yaml_save,
+    LOCAL_RANK, LOGGER, RANK, ROOT, TQDM_BAR_FORMAT, WORLD_SIZE, UserInputError, check_img_size, colorstr,
+    increment_path, print_args, set_logging, yaml_load, yaml_save,
 )
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
+from utils.schedule import Schedule, scaled_weight_decay  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
     EarlyStopping, ModelEMA, ShapeCompiledForward, de_parallel, init_seeds, retain_freed_memory, select_device,
     smart_optimizer, torch_distributed_zero_first,
 )
 
-LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
-RANK = int(os.getenv("RANK", -1))
-WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
-TQDM_BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
-AUTO_CHANNELS_LAST = True  # what --memory-format auto picks where channels-last is possible
+import val as validate  # noqa: E402  (after utils: val.py puts the same root on sys.path)
+
 RESULT_KEYS = ("train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/precision", "metrics/recall",
                "metrics/mAP_0.5", "metrics/mAP_0.5:0.95", "val/box_loss", "val/obj_loss", "val/cls_loss",
                "x/lr0", "x/lr1", "x/lr2")
+MAX_GRAD_NORM = 10.0
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or Inf."""
 
 
+# ------------------------------------------------------------------------------------------- files of a run
+
+
 def write_results_csv(file: Path, epoch: int, values: list[float]) -> None:
     """Append one epoch to results.csv in upstream's layout (right-aligned 20-wide columns)."""
-    header = "" if file.exists() else ("%20s," * (len(values) + 1) % ("epoch", *RESULT_KEYS)).rstrip(",") + "\n"
+    cells = lambda row: ",".join(f"{x:>20}" for x in row) + "\n"  # noqa: E731
+    header = "" if file.exists() else cells(("epoch", *RESULT_KEYS))
     with open(file, "a") as f:
-        f.write(header + ("%20.5g," * (len(values) + 1) % (epoch, *values)).rstrip(",") + "\n")
+        f.write(header + cells(f"{v:.5g}" for v in (epoch, *values)))
+
+
+def clean_interrupted_run(save_dir: Path, start_epoch: int) -> None:
+    """Before resuming: drop results.csv rows of epochs that were not checkpointed (written just before a crash) and
+    temporary files of checkpoint writes that a crash interrupted."""
+    for tmp in (save_dir / "weights").glob(".*.pt.*.tmp"):
+        tmp.unlink()
+    file = save_dir / "results.csv"
+    if not file.is_file():
+        return
+    header, *rows = file.read_text().splitlines(keepends=True)
+    kept = [row for row in rows if row.endswith("\n") and float(row.split(",")[0]) < start_epoch]
+    tmp = file.with_name(f".{file.name}.tmp")
+    tmp.write_text(header + "".join(kept))
+    os.replace(tmp, file)
+
+
+def kept_checkpoint(last: Path) -> str:
+    """Where the last good checkpoint of a failed run is, for the error message."""
+    return f"the last good checkpoint is kept in {last}" if last.is_file() else "no checkpoint was saved"
+
+
+def check_not_diverged(epoch: int, last: Path, val_losses: tuple, *models: nn.Module) -> None:
+    """Stop before a diverged model (NaN/Inf validation losses or weights) can overwrite the last good checkpoint."""
+    if not all(math.isfinite(x) for x in val_losses):
+        raise NonFiniteLossError(f"validation loss (box, obj, cls) is {[float(x) for x in val_losses]} at epoch "
+                                 f"{epoch}; {kept_checkpoint(last)}")
+    for model in models:
+        for name, value in model.state_dict().items():
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise NonFiniteLossError(f"weight {name} became NaN/Inf in epoch {epoch}; {kept_checkpoint(last)}")
+
+
+def tensorboard_writer(save_dir: Path):
+    """A TensorBoard SummaryWriter in save_dir, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        LOGGER.info("TensorBoard is not installed: no event files are written")
+        return None
+    LOGGER.info(f"TensorBoard: view this run with 'tensorboard --logdir {save_dir.parent}' at http://localhost:6006/")
+    return SummaryWriter(str(save_dir))
+
+
+# ------------------------------------------------------------------------------------------------ setup parts
 
 
 def build_train_model(opt, hyp: dict, nc: int, device: torch.device) -> tuple[nn.Module, dict | None]:
@@ -91,11 +136,19 @@ def build_train_model(opt, hyp: dict, nc: int, device: torch.device) -> tuple[nn
 
 def freeze_layers(model: nn.Module, freeze: list[int]) -> None:
     """--freeze 10 freezes layers 0-9; --freeze 0 1 2 freezes those layer indices."""
-    prefixes = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
-    for k, v in model.named_parameters():
-        v.requires_grad = not any(k.startswith(p) for p in prefixes)
-        if not v.requires_grad:
-            LOGGER.info(f"freezing {k}")
+    frozen = {f"model.{i}." for i in (freeze if len(freeze) > 1 else range(freeze[0]))}
+    for name, p in model.named_parameters():
+        p.requires_grad = not any(name.startswith(prefix) for prefix in frozen)
+        if not p.requires_grad:
+            LOGGER.info(f"frozen: {name}")
+
+
+def loss_gains(hyp: dict, levels: int, nc: int, imgsz: int) -> dict:
+    """The hyp file's loss gains are tuned for 3 detection levels, 80 classes and 640 px images; rescale them for
+    this model and dataset (box by levels, class by classes and levels, objectness by image area and levels)."""
+    per_level = 3 / levels
+    return {**hyp, "box": hyp["box"] * per_level, "cls": hyp["cls"] * per_level * nc / 80,
+            "obj": hyp["obj"] * per_level * (imgsz / 640) ** 2}
 
 
 def custom_l2_setup(model: nn.Module) -> tuple[set[int], callable]:
@@ -105,251 +158,43 @@ def custom_l2_setup(model: nn.Module) -> tuple[set[int], callable]:
     return {id(p) for p in repvgg.repvgg_custom_l2_parameters(model)}, repvgg.repvgg_custom_l2
 
 
-def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
-    save_dir, epochs, batch_size = Path(opt.save_dir), opt.epochs, opt.batch_size
-    weights_dir = save_dir / "weights"
-    last, best = weights_dir / "last.pt", weights_dir / "best.pt"
-    plots = not opt.evolve and not opt.noplots
-    main_process = RANK in {-1, 0}
-    if main_process:
-        weights_dir.mkdir(parents=True, exist_ok=True)
-        LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
-        yaml_save(save_dir / "hyp.yaml", hyp)
-        yaml_save(save_dir / "opt.yaml", vars(opt))
-    opt.hyp = hyp.copy()
-    init_seeds(opt.seed + 1 + RANK, deterministic=True)
-
-    with torch_distributed_zero_first(LOCAL_RANK):
-        data_dict = check_dataset(opt.data)
-    train_path, val_path = data_dict["train"], data_dict["val"]
-    nc = 1 if opt.single_cls else int(data_dict["nc"])
-    names = {0: "item"} if opt.single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
-
-    model, ckpt = build_train_model(opt, hyp, nc, device)
-    freeze_layers(model, opt.freeze)
-    channels_last_training(model, device, getattr(opt, "compile", False), getattr(opt, "memory_format", "auto"))
-    gs = max(int(model.stride.max()), 32)
-    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
-
-    nbs = 64  # nominal batch size
-    accumulate = max(round(nbs / batch_size), 1)
-    hyp["weight_decay"] *= batch_size * accumulate / nbs
-    l2_ids, l2_penalty = custom_l2_setup(model) if opt.custom_l2 else (set(), None)
-    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"], l2_ids)
-
-    if opt.cos_lr:
-        def lf(x):
-            return ((1 - math.cos(x * math.pi / epochs)) / 2) * (hyp["lrf"] - 1) + 1
-    else:
-        def lf(x):
-            return (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]
-    scheduler = lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
-    ema = ModelEMA(model) if main_process else None
-
-    best_fitness, start_epoch = 0.0, 0
-    amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    stopper, stop = EarlyStopping(patience=opt.patience), False
-    last_opt_step = -1
-    if opt.resume:
-        best_fitness, start_epoch = resume_state(ckpt, optimizer, scheduler, scaler, ema, epochs, opt.weights)
-        stopper.best_fitness, stopper.best_epoch = best_fitness, ckpt.get("best_epoch", start_epoch - 1)
-        last_opt_step = ckpt.get("last_opt_step", -1)
-        if main_process:
-            clean_interrupted_run(save_dir, start_epoch)
-    del ckpt
-
-    cuda = device.type == "cuda"
-    if opt.sync_bn and RANK != -1 and cuda:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
-        LOGGER.info("Using SyncBatchNorm()")
-    elif opt.sync_bn:
-        LOGGER.warning("WARNING --sync-bn ignored: SyncBatchNorm needs DDP training on CUDA devices")
-
-    with torch_distributed_zero_first(LOCAL_RANK):  # rank 0 scans and caches the labels first
-        train_loader, dataset = create_dataloader(
-            train_path, imgsz, batch_size // WORLD_SIZE, gs, opt.single_cls, hyp=hyp, augment=True, cache=opt.cache,
-            rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights, quad=opt.quad,
-            prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=nc, start_epoch=start_epoch)
-    labels = np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5))
-    if len(labels) and int(labels[:, 0].max()) >= nc:
-        raise UserInputError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {opt.data}")
-
-    val_loader = None
-    if main_process:
-        val_loader = create_dataloader(
-            val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, opt.single_cls, hyp=hyp,
-            cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
-            prefix=colorstr("val: "), nc=nc)[0]
-        if not opt.resume:
-            if not opt.noautoanchor:
-                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz, seed=opt.seed)
-                if ema:
-                    ema.module.model[-1].anchors.copy_(model.model[-1].anchors)
-            model.half().float()  # pre-reduce anchor precision as upstream
-            if plots:
-                plot_labels(labels, names, save_dir)
-
+def training_forward(model: nn.Module, compile_model: bool):
+    """What runs the training forward: the model itself, or with --compile a ShapeCompiledForward of it."""
+    if not compile_model:
+        return model
     if RANK != -1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[LOCAL_RANK] if cuda else None,
-                                                    output_device=LOCAL_RANK if cuda else None)
-
-    nl = de_parallel(model).model[-1].nl
-    hyp["box"] *= 3 / nl
-    hyp["cls"] *= nc / 80 * 3 / nl
-    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
-    hyp["label_smoothing"] = opt.label_smoothing
-    bare = de_parallel(model)
-    bare.nc, bare.hyp, bare.names = nc, hyp, names
-    bare.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
-    if ema:
-        ema.module.names = names
-
-    t0 = time.time()
-    nb = len(train_loader)
-    nw = max(round(hyp["warmup_epochs"] * nb), 100)
-    maps = np.zeros(nc)
-    results = (0, 0, 0, 0, 0, 0, 0)
-    scheduler.last_epoch = start_epoch - 1
-    compute_loss = ComputeLoss(model)
-    forward = training_forward(model, getattr(opt, "compile", False))  # older checkpoints' options lack it
-    LOGGER.info(f"Image sizes {imgsz} train, {imgsz} val\n"
-                f"Using {train_loader.num_workers * WORLD_SIZE} dataloader workers\n"
-                f"Logging results to {colorstr('bold', save_dir)}\n"
-                f"Starting training for {epochs} epochs...")
-    tb = tensorboard_writer(save_dir) if main_process and not opt.evolve else None
-    epoch = start_epoch
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        seed_epoch(opt.seed, epoch)
-        if opt.image_weights:
-            cw = bare.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
-            iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
-            dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
-        mloss = torch.zeros(3, device=device)
-        pbar = enumerate(train_loader)
-        LOGGER.info(("\n" + "%11s" * 7) % ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss", "Instances", "Size"))
-        if main_process:
-            pbar = tqdm(pbar, total=nb, bar_format=TQDM_BAR_FORMAT)
-        optimizer.zero_grad()
-        for i, (imgs, targets, paths, _) in pbar:
-            ni = i + nb * epoch
-            imgs = imgs.to(device, non_blocking=True).float() / 255
-            if ni <= nw:  # warmup: bias lr falls from warmup_bias_lr to lr0, the others rise from 0
-                accumulate = max(1, int(np.interp(ni, [0, nw], [1, nbs / batch_size]).round()))
-                for j, group in enumerate(optimizer.param_groups):
-                    group["lr"] = float(np.interp(ni, [0, nw], [hyp["warmup_bias_lr"] if j == 0 else 0.0,
-                                                                group["initial_lr"] * lf(epoch)]))
-                    if "momentum" in group:
-                        group["momentum"] = float(np.interp(ni, [0, nw], [hyp["warmup_momentum"], hyp["momentum"]]))
-            if opt.multi_scale:
-                imgs = random_rescale(imgs, imgsz, gs)
-            with torch.autocast(device.type, enabled=amp):
-                pred = forward(imgs)
-                loss, loss_items = compute_loss(pred, targets.to(device))
-                if l2_penalty is not None:  # replaces the optimizer's weight decay on the covered kernels
-                    loss = loss + 0.5 * hyp["weight_decay"] * l2_penalty(bare) / accumulate
-                if RANK != -1:
-                    loss *= WORLD_SIZE
-                if opt.quad:
-                    loss *= 4.0
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch}, batch {i} "
-                                         f"(box, obj, cls = {loss_items.tolist()}); {kept_checkpoint(last)}")
-            scaler.scale(loss).backward()
-            if ni - last_opt_step >= accumulate:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad()
-                if ema:
-                    ema.update(model)
-                last_opt_step = ni
-            if main_process:
-                mloss = (mloss * i + loss_items) / (i + 1)
-                mem = f"{torch.cuda.memory_reserved() / 1e9 if cuda else 0:.3g}G"
-                pbar.set_description(("%11s" * 2 + "%11.4g" * 5) % (
-                    f"{epoch}/{epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1]))
-                if plots and ni < 3:
-                    plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
-
-        lr = [x["lr"] for x in optimizer.param_groups]
-        scheduler.step()
-        if main_process:
-            final_epoch = epoch + 1 == epochs or stopper.possible_stop
-            if not opt.noval or final_epoch:
-                results, maps, _ = validate.run(data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
-                                                half=amp, model=ema.ema, single_cls=opt.single_cls,
-                                                dataloader=val_loader, save_dir=save_dir, plots=False,
-                                                compute_loss=compute_loss)
-            fi = float(fitness(np.array(results).reshape(1, -1))[0])
-            stop = stopper(epoch=epoch, fitness=fi)
-            best_fitness = max(best_fitness, fi)
-            values = [float(x) for x in (*mloss.tolist(), *results, *lr)]
-            write_results_csv(save_dir / "results.csv", epoch, values)
-            if tb:
-                for k, v in zip(RESULT_KEYS, values):
-                    tb.add_scalar(k, v, epoch)
-            check_not_diverged(epoch, last, results[4:], bare, ema.ema)
-            if not opt.nosave or (final_epoch and not opt.evolve):
-                ckpt = make_checkpoint(
-                    bare, ema=model_state(ema.ema), updates=ema.updates, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch,
-                    best_fitness=best_fitness, best_epoch=stopper.best_epoch, last_opt_step=last_opt_step,
-                    train_args=vars(opt), hyp=opt.hyp, rng=rng_state())
-                save_checkpoint(ckpt, last)
-                if best_fitness == fi:
-                    save_checkpoint(ckpt, best)
-                if opt.save_period > 0 and epoch % opt.save_period == 0:
-                    save_checkpoint(ckpt, weights_dir / f"epoch{epoch}.pt")
-                del ckpt
-        if RANK != -1:  # every rank stops together
-            flag = [stop]
-            dist.broadcast_object_list(flag, 0)
-            stop = flag[0]
-        if stop:
-            break
-
-    if main_process:
-        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        for f in (last, best):
-            if f.exists():
-                strip_optimizer(f)
-        if plots:
-            plot_results(file=save_dir / "results.csv")
-        if tb:
-            tb.close()
-        if best.exists() and not opt.evolve:  # val.py ends with "Results saved to <save_dir>"
-            LOGGER.info(f"\nValidating {best}...")
-            results, _, _ = validate.run(data_dict, weights=best, batch_size=batch_size // WORLD_SIZE * 2,
-                                         imgsz=imgsz, iou_thres=0.6, single_cls=opt.single_cls, verbose=True,
-                                         plots=plots, project=save_dir.parent, name=save_dir.name, exist_ok=True,
-                                         device=str(device.index if cuda else "cpu"))
-        else:
-            LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
-    torch.cuda.empty_cache()
-    return results
+        LOGGER.warning("WARNING --compile does not work with DDP here; training without it")
+        return model
+    LOGGER.info(f"{colorstr('compile: ')}torch.compile of the first batch shape (minutes the first time on a "
+                "machine, seconds from its cache later); other shapes, such as an epoch's last batch, run eagerly")
+    return ShapeCompiledForward(model)
 
 
-def resume_state(ckpt: dict, optimizer, scheduler, scaler, ema, epochs: int, weights) -> tuple[float, int]:
-    """Restore optimizer, scheduler, scaler, EMA and RNG states; returns (best fitness, first epoch to run)."""
-    if ckpt.get("optimizer") is None:
-        raise UserInputError(f"{weights}: training state was stripped (finished run); nothing to resume")
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt.get("ema") is not None:
-        ema.module.load_state_dict(ckpt["ema"])
-        ema.n_averaged.fill_(ckpt["updates"])
-    if ckpt.get("rng"):
-        set_rng_state(ckpt["rng"])
-    start_epoch = ckpt["epoch"] + 1
-    if start_epoch >= epochs:
-        raise UserInputError(f"{weights}: training to {epochs} epochs is finished, nothing to resume")
-    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
-    return float(ckpt.get("best_fitness", 0.0)), start_epoch
+def random_rescale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
+    """--multi-scale: resize the batch so its longer side is a random stride multiple between 0.5x and 1.5x --img
+    (uniform over those multiples); the other side follows, rounded up to a stride multiple."""
+    longest = gs * random.randint(math.ceil(imgsz / 2 / gs), int(imgsz * 3 / 2 // gs))
+    height, width = imgs.shape[2:]
+    if longest == max(height, width):
+        return imgs
+    stride_multiple = lambda side: gs * math.ceil(side * longest / max(height, width) / gs)  # noqa: E731
+    return nn.functional.interpolate(imgs, size=(stride_multiple(height), stride_multiple(width)), mode="bilinear",
+                                     align_corners=False)
+
+
+def labels_to_class_weights(labels: list[np.ndarray], nc: int = 80) -> torch.Tensor:
+    """Inverse-frequency class weights (normalised to sum 1) from the training labels."""
+    if not labels or not any(len(x) for x in labels):
+        return torch.ones(nc) / nc
+    counts = np.bincount(np.concatenate(labels, 0)[:, 0].astype(int), minlength=nc).astype(float)
+    weights = 1 / np.maximum(counts, 1)
+    return torch.from_numpy(weights / weights.sum()).float()
+
+
+def labels_to_image_weights(labels: list[np.ndarray], nc: int = 80, class_weights: np.ndarray | None = None):
+    """Per-image sampling weight: sum of its labels' class weights (--image-weights)."""
+    class_weights = np.ones(nc) if class_weights is None else class_weights
+    return np.array([class_weights[x[:, 0].astype(int)].sum() for x in labels])
 
 
 def seed_epoch(seed: int, epoch: int) -> None:
@@ -359,175 +204,352 @@ def seed_epoch(seed: int, epoch: int) -> None:
     init_seeds(epoch_seeds(seed, epoch, RANK)[0])
 
 
-def kept_checkpoint(last: Path) -> str:
-    """Where the last good checkpoint of a failed run is, for the error message."""
-    return f"the last good checkpoint is kept in {last}" if last.is_file() else "no checkpoint was saved"
+# -------------------------------------------------------------------------------------------------- the trainer
 
 
-def check_not_diverged(epoch: int, last: Path, val_losses: tuple, *models: nn.Module) -> None:
-    """Stop before a diverged model (NaN/Inf validation losses or weights) can overwrite the last good checkpoint."""
-    if not all(math.isfinite(x) for x in val_losses):
-        raise NonFiniteLossError(f"validation loss (box, obj, cls) is {[float(x) for x in val_losses]} at epoch "
-                                 f"{epoch}; {kept_checkpoint(last)}")
-    for model in models:
-        for name, value in model.state_dict().items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise NonFiniteLossError(f"weight {name} became NaN/Inf in epoch {epoch}; {kept_checkpoint(last)}")
+class Trainer:
+    """One training run: set up in ``__init__``, then ``fit()`` runs the epochs and the final evaluation."""
+
+    def __init__(self, hyp: dict, opt: argparse.Namespace, device: torch.device):
+        self.opt, self.device, self.cuda = opt, device, device.type == "cuda"
+        self.main = RANK in {-1, 0}
+        self.save_dir = Path(opt.save_dir)
+        self.last, self.best = self.save_dir / "weights/last.pt", self.save_dir / "weights/best.pt"
+        self.plots = not opt.evolve and not opt.noplots
+        self.record_settings(hyp)
+        init_seeds(opt.seed + 1 + RANK, deterministic=True)
+        with torch_distributed_zero_first(LOCAL_RANK):
+            self.data = check_dataset(opt.data)
+        self.nc = 1 if opt.single_cls else int(self.data["nc"])
+        single_name = opt.single_cls and len(self.data["names"]) != 1
+        self.names = {0: "item"} if single_name else self.data["names"]
+        ckpt = self.setup_model(hyp)
+        self.setup_optimization(hyp, ckpt)
+        self.setup_data()
+        self.setup_loss(hyp)
+
+    def record_settings(self, hyp: dict) -> None:
+        """hyp.yaml and opt.yaml of the run; the checkpoints keep the hyperparameters as given (``opt.hyp``)."""
+        if self.main:
+            (self.save_dir / "weights").mkdir(parents=True, exist_ok=True)
+            LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+            yaml_save(self.save_dir / "hyp.yaml", hyp)
+            yaml_save(self.save_dir / "opt.yaml", vars(self.opt))
+        self.opt.hyp = hyp.copy()
+
+    def setup_model(self, hyp: dict) -> dict | None:
+        opt = self.opt
+        self.model, ckpt = build_train_model(opt, hyp, self.nc, self.device)
+        freeze_layers(self.model, opt.freeze)
+        channels_last_training(self.model, self.device, getattr(opt, "compile", False),
+                               getattr(opt, "memory_format", "auto"), distributed=RANK != -1)
+        self.gs = max(int(self.model.stride.max()), 32)
+        self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
+        return ckpt
+
+    def setup_optimization(self, hyp: dict, ckpt: dict | None) -> None:
+        """Optimizer (weight decay per step of ``batch_size * accumulation`` images), EMA, AMP scaler, early stopping,
+        and on --resume their saved states."""
+        opt = self.opt
+        hyp["weight_decay"] = scaled_weight_decay(hyp["weight_decay"], opt.batch_size)
+        l2_ids, self.l2_penalty = custom_l2_setup(self.model) if opt.custom_l2 else (set(), None)
+        self.optimizer = smart_optimizer(self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
+                                         l2_ids)
+        self.ema = ModelEMA(self.model) if self.main else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.cuda)
+        self.stopper, self.best_fitness, self.start_epoch, self.last_opt_step = EarlyStopping(opt.patience), 0.0, 0, -1
+        if opt.resume:
+            self.restore(ckpt)
+        if opt.sync_bn and RANK != -1 and self.cuda:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model).to(self.device)
+            LOGGER.info("SyncBatchNorm: batch statistics are shared across the DDP processes")
+        elif opt.sync_bn:
+            LOGGER.warning("WARNING --sync-bn needs DDP training on CUDA devices; ignored")
+
+    def restore(self, ckpt: dict) -> None:
+        """--resume: optimizer, scaler, EMA, RNG and progress states of the checkpoint."""
+        if ckpt.get("optimizer") is None:
+            raise UserInputError(f"{self.opt.weights}: training state was stripped (finished run); nothing to resume")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+            self.ema.updates = int(ckpt["updates"])
+        if ckpt.get("rng"):
+            set_rng_state(ckpt["rng"])
+        self.start_epoch = ckpt["epoch"] + 1
+        if self.start_epoch >= self.opt.epochs:
+            raise UserInputError(f"{self.opt.weights}: all {self.opt.epochs} epochs are done; nothing to resume")
+        self.best_fitness = float(ckpt.get("best_fitness", 0.0))
+        self.stopper.best_fitness = self.best_fitness
+        self.stopper.best_epoch = ckpt.get("best_epoch", self.start_epoch - 1)
+        self.last_opt_step = ckpt.get("last_opt_step", -1)
+        LOGGER.info(f"Resuming {self.opt.weights}: epochs {self.start_epoch} to {self.opt.epochs - 1} of "
+                    f"{self.opt.epochs} remain")
+        if self.main:
+            clean_interrupted_run(self.save_dir, self.start_epoch)
+
+    def setup_data(self) -> None:
+        """Training loader (every rank) and validation loader (rank 0); label checks, anchors and label plots."""
+        opt, batch = self.opt, self.opt.batch_size // WORLD_SIZE
+        with torch_distributed_zero_first(LOCAL_RANK):  # rank 0 scans and caches the labels first
+            self.train_loader, self.dataset = create_dataloader(
+                self.data["train"], self.imgsz, batch, self.gs, opt.single_cls, hyp=self.opt.hyp, augment=True,
+                cache=opt.cache, rect=opt.rect, rank=LOCAL_RANK, workers=opt.workers, image_weights=opt.image_weights,
+                quad=opt.quad, prefix=colorstr("train: "), shuffle=True, seed=opt.seed, nc=self.nc,
+                start_epoch=self.start_epoch)
+        labels = np.concatenate(self.dataset.labels, 0) if self.dataset.labels else np.zeros((0, 5))
+        if len(labels) and int(labels[:, 0].max()) >= self.nc:
+            raise UserInputError(f"label class {int(labels[:, 0].max())} exceeds nc={self.nc} in {opt.data}")
+        self.val_loader = None
+        if self.main:
+            self.val_loader = create_dataloader(
+                self.data["val"], self.imgsz, batch * 2, self.gs, opt.single_cls, hyp=self.opt.hyp,
+                cache=None if opt.noval else opt.cache, rect=True, rank=-1, workers=opt.workers * 2, pad=0.5,
+                prefix=colorstr("val: "), nc=self.nc)[0]
+            if not opt.resume:
+                self.prepare_anchors(labels)
+        if RANK != -1:
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=[LOCAL_RANK] if self.cuda else None,
+                                                             output_device=LOCAL_RANK if self.cuda else None)
+        self.schedule = Schedule(self.opt.hyp, opt.epochs, len(self.train_loader), opt.batch_size, opt.cos_lr)
+
+    def prepare_anchors(self, labels: np.ndarray) -> None:
+        """AutoAnchor (unless --noautoanchor) and the label plots, on a new run."""
+        if not self.opt.noautoanchor:
+            check_anchors(self.dataset, model=self.model, thr=self.opt.hyp["anchor_t"], imgsz=self.imgsz,
+                          seed=self.opt.seed)
+            if self.ema:
+                self.ema.module.model[-1].anchors.copy_(self.model.model[-1].anchors)
+        self.model.half().float()  # anchors (and weights) rounded through float16, as upstream's runs are
+        if self.plots:
+            plot_labels(labels, self.names, self.save_dir)
+
+    def setup_loss(self, hyp: dict) -> None:
+        """Loss gains for this model and dataset, the model attributes the loss and checkpoints read, the forward."""
+        bare = self.bare = de_parallel(self.model)
+        hyp.update(loss_gains(hyp, bare.model[-1].nl, self.nc, self.imgsz), label_smoothing=self.opt.label_smoothing)
+        bare.nc, bare.hyp, bare.names = self.nc, hyp, self.names
+        bare.class_weights = labels_to_class_weights(self.dataset.labels, self.nc).to(self.device) * self.nc
+        if self.ema:
+            self.ema.module.names = self.names
+        self.compute_loss = ComputeLoss(self.model)
+        self.forward = training_forward(self.model, getattr(self.opt, "compile", False))
+        self.maps, self.results = np.zeros(self.nc), (0.0,) * 7
+        self.tb = tensorboard_writer(self.save_dir) if self.main and not self.opt.evolve else None
+
+    # ------------------------------------------------------------------------------------------------ training
+
+    def fit(self) -> tuple:
+        """Train the remaining epochs, then finish the run; returns the last evaluation's results."""
+        self.t0, epoch, stop = time.time(), self.start_epoch, False
+        LOGGER.info(f"Training at {self.imgsz} px, validating at {self.imgsz} px, "
+                    f"{self.train_loader.num_workers * WORLD_SIZE} loader workers\n"
+                    f"Run folder: {colorstr('bold', self.save_dir)}\n"
+                    f"{self.opt.epochs - self.start_epoch} epochs to go...")
+        for epoch in range(self.start_epoch, self.opt.epochs):
+            mean_loss, lrs = self.train_epoch(epoch)
+            if self.main:
+                stop = self.end_epoch(epoch, mean_loss, lrs)
+            if RANK != -1:  # every rank stops together
+                flag = [stop]
+                dist.broadcast_object_list(flag, 0)
+                stop = flag[0]
+            if stop:
+                break
+        if self.main:
+            self.finish(epoch)
+        torch.cuda.empty_cache()
+        return self.results
+
+    def train_epoch(self, epoch: int) -> tuple[torch.Tensor, list[float]]:
+        """One pass over the training loader; returns the mean (box, obj, cls) loss and the groups' last rates."""
+        self.model.train()
+        seed_epoch(self.opt.seed, epoch)
+        if self.opt.image_weights:
+            self.resample_images()
+        batches = len(self.train_loader)
+        mean_loss = torch.zeros(3, device=self.device)
+        LOGGER.info("\n" + "".join(f"{c:>11}" for c in ("Epoch", "GPU_mem", "box_loss", "obj_loss", "cls_loss",
+                                                        "Instances", "Size")))
+        bar = enumerate(self.train_loader)
+        if self.main:
+            bar = tqdm(bar, total=batches, bar_format=TQDM_BAR_FORMAT)
+        self.optimizer.zero_grad()
+        for i, (imgs, targets, paths, _) in bar:
+            ni = i + batches * epoch
+            settings = self.schedule.at(ni)
+            self.apply(settings)
+            imgs, items = self.backward(imgs, targets, settings.accumulate, f"epoch {epoch}, batch {i}")
+            if ni - self.last_opt_step >= settings.accumulate:
+                self.optimizer_step()
+                self.last_opt_step = ni
+            if self.main:
+                mean_loss += (items - mean_loss) / (i + 1)
+                self.show_progress(bar, epoch, mean_loss, targets, imgs)
+                if self.plots and ni < 3:
+                    plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg", self.names)
+        return mean_loss, [group["lr"] for group in self.optimizer.param_groups]
+
+    def resample_images(self) -> None:
+        """--image-weights: draw this epoch's images with weights from their classes' weights and current mAPs."""
+        weights = self.bare.class_weights.cpu().numpy() * (1 - self.maps) ** 2 / self.nc
+        per_image = labels_to_image_weights(self.dataset.labels, nc=self.nc, class_weights=weights)
+        self.dataset.indices = random.choices(range(self.dataset.n), weights=per_image, k=self.dataset.n)
+
+    def apply(self, settings) -> None:
+        """Set the schedule's learning rate (and momentum, where the optimizer has one) on every group."""
+        for group, lr in zip(self.optimizer.param_groups, settings.lr):
+            group["lr"] = lr
+            if "momentum" in group:
+                group["momentum"] = settings.momentum
+
+    def backward(self, imgs: torch.Tensor, targets: torch.Tensor, accumulate: int, where: str):
+        """Forward, loss and backward of one batch; returns the (rescaled) images and the detached loss terms."""
+        imgs = imgs.to(self.device, non_blocking=True).float() / 255
+        if self.opt.multi_scale:
+            imgs = random_rescale(imgs, self.imgsz, self.gs)
+        with torch.autocast(self.device.type, enabled=self.cuda):
+            loss, items = self.compute_loss(self.forward(imgs), targets.to(self.device))
+            if self.l2_penalty is not None:  # replaces the optimizer's weight decay on the covered kernels
+                loss = loss + 0.5 * self.bare.hyp["weight_decay"] * self.l2_penalty(self.bare) / accumulate
+            loss = loss * WORLD_SIZE * (4.0 if self.opt.quad else 1.0)  # DDP averages gradients over the ranks
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss.item()} at {where} "
+                                     f"(box, obj, cls = {items.tolist()}); {kept_checkpoint(self.last)}")
+        self.scaler.scale(loss).backward()
+        return imgs, items
+
+    def optimizer_step(self) -> None:
+        """Apply the accumulated gradients (unscaled, norm clipped at 10), reset them and update the EMA."""
+        self.scaler.unscale_(self.optimizer)
+        nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=MAX_GRAD_NORM)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
+
+    def show_progress(self, bar, epoch: int, mean_loss: torch.Tensor, targets: torch.Tensor, imgs: torch.Tensor):
+        memory = f"{torch.cuda.memory_reserved() / 1e9 if self.cuda else 0:.3g}G"
+        cells = [f"{epoch}/{self.opt.epochs - 1}", memory, *(f"{x:.4g}" for x in mean_loss.tolist()),
+                 f"{targets.shape[0]:.4g}", f"{imgs.shape[-1]:.4g}"]
+        bar.set_description("".join(f"{c:>11}" for c in cells))
+
+    # ----------------------------------------------------------------------------------------- end of an epoch
+
+    def end_epoch(self, epoch: int, mean_loss: torch.Tensor, lrs: list[float]) -> bool:
+        """Evaluate the EMA model, log the epoch, save checkpoints; returns whether to stop early."""
+        final = epoch + 1 == self.opt.epochs or self.stopper.possible_stop
+        if not self.opt.noval or final:
+            evaluation = validate.evaluate(self.ema.ema, self.val_loader, self.names, self.nc,
+                                           single_cls=self.opt.single_cls, half=self.cuda,
+                                           compute_loss=self.compute_loss, out=validate.Outputs(self.save_dir))
+            self.results, self.maps = evaluation.results, evaluation.maps
+        fit = float(fitness(np.array(self.results).reshape(1, -1))[0])
+        stop = self.stopper(epoch=epoch, fitness=fit)
+        self.best_fitness = max(self.best_fitness, fit)
+        values = [float(x) for x in (*mean_loss.tolist(), *self.results, *lrs)]
+        write_results_csv(self.save_dir / "results.csv", epoch, values)
+        if self.tb:
+            for key, value in zip(RESULT_KEYS, values):
+                self.tb.add_scalar(key, value, epoch)
+        check_not_diverged(epoch, self.last, self.results[4:], self.bare, self.ema.ema)
+        if not self.opt.nosave or (final and not self.opt.evolve):
+            self.save(epoch, is_best=self.best_fitness == fit)
+        return stop
+
+    def save(self, epoch: int, is_best: bool) -> None:
+        """last.pt every epoch, best.pt when the fitness is the best so far, epochN.pt every --save-period."""
+        ckpt = make_checkpoint(
+            self.bare, ema=model_state(self.ema.ema), updates=self.ema.updates, optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(), epoch=epoch, best_fitness=self.best_fitness,
+            best_epoch=self.stopper.best_epoch, last_opt_step=self.last_opt_step, train_args=vars(self.opt),
+            hyp=self.opt.hyp, rng=rng_state())
+        targets = [self.last] + [self.best] * is_best
+        if self.opt.save_period > 0 and epoch % self.opt.save_period == 0:
+            targets.append(self.last.with_name(f"epoch{epoch}.pt"))
+        for path in targets:
+            save_checkpoint(ckpt, path)
+
+    def finish(self, epoch: int) -> None:
+        """Strip the optimizer from the checkpoints, plot the results, and evaluate best.pt with val.py."""
+        hours = (time.time() - self.t0) / 3600
+        LOGGER.info(f"\nTraining done: {epoch - self.start_epoch + 1} epoch(s) in {hours:.3f} hours")
+        for path in (self.last, self.best):
+            if path.exists():
+                strip_optimizer(path)
+        if self.plots:
+            plot_results(file=self.save_dir / "results.csv")
+        if self.tb:
+            self.tb.close()
+        if not self.best.exists() or self.opt.evolve:
+            LOGGER.info(f"Results saved to {colorstr('bold', self.save_dir)}")
+            return
+        LOGGER.info(f"\nEvaluating {self.best} ...")  # val.py ends with "Results saved to <save_dir>"
+        self.results, _, _ = validate.run(
+            self.data, weights=self.best, batch_size=self.opt.batch_size // WORLD_SIZE * 2, imgsz=self.imgsz,
+            iou_thres=0.6, single_cls=self.opt.single_cls, verbose=True, plots=self.plots,
+            project=self.save_dir.parent, name=self.save_dir.name, exist_ok=True,
+            device=str(self.device.index if self.cuda else "cpu"))
 
 
-def clean_interrupted_run(save_dir: Path, start_epoch: int) -> None:
-    """Before resuming: drop results.csv rows of epochs that were not checkpointed (written just before a crash) and
-    temporary files of checkpoint writes that a crash interrupted."""
-    for tmp in (save_dir / "weights").glob(".*.pt.*.tmp"):
-        tmp.unlink()
-    file = save_dir / "results.csv"
-    if not file.is_file():
-        return
-    header, *rows = file.read_text().splitlines(keepends=True)
-    kept = [row for row in rows if row.endswith("\n") and float(row.split(",")[0]) < start_epoch]
-    tmp = file.with_name(f".{file.name}.tmp")
-    tmp.write_text(header + "".join(kept))
-    os.replace(tmp, file)
+def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
+    """One training run with these hyperparameters and options; returns its last evaluation (7 values)."""
+    return Trainer(hyp, opt, device).fit()
 
 
-MEMORY_FORMATS = ("auto", "channels-last", "nchw")
-
-
-def channels_last_blocker(model: nn.Module, device: torch.device, compile_model: bool) -> str:
-    """Why ``model`` cannot train channels-last here ('' when it can).
-
-    Channels-last training is a CPU eager path (no DDP, no --compile) that needs every batch norm to be a
-    ``models.common.BatchNorm2d`` (PyTorch's own NHWC kernel loses precision; timm backbones keep theirs). Strided 1x1
-    convolutions with under 16 input channels must stay NCHW (oneDNN's NHWC weight gradient of such a convolution
-    corrupts memory in torch 2.14.1), which only those that read the (NCHW) image can.
-    """
-    if device.type != "cpu":
-        return f"it is a CPU training path (device is {device.type})"
-    if RANK != -1:
-        return "it is not supported with DDP"
-    if compile_model:
-        return "--compile trains NCHW"
-    if not all(isinstance(m, BatchNorm2d) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
-        return "the model has batch norms other than models.common.BatchNorm2d (e.g. a timm backbone)"
-    first_layer, image_channels = set(model.model[0].modules()), model.yaml["ch"]
-    for m in model.modules():
-        if (isinstance(m, nn.Conv2d) and m.in_channels < 16 and m.kernel_size == (1, 1) and m.stride != (1, 1)
-                and (m not in first_layer or m.in_channels != image_channels)):
-            return "the model has a strided 1x1 convolution of under 16 input channels past its input layer"
-    return ""
-
-
-def channels_last_training(model: nn.Module, device: torch.device, compile_model: bool,
-                           memory_format: str = "auto") -> bool:
-    """Apply --memory-format: convert the convolution weights to channels-last (NHWC) in place where chosen and
-    possible; returns whether it did. 'auto' is the CPU default (see the README's speed section), 'nchw' never
-    converts, 'channels-last' converts or stops with the reason it cannot."""
-    if memory_format not in MEMORY_FORMATS:
-        raise UserInputError(f"--memory-format {memory_format}: expected one of {', '.join(MEMORY_FORMATS)}")
-    if memory_format == "nchw" or (memory_format == "auto" and not AUTO_CHANNELS_LAST):
-        return False
-    reason = channels_last_blocker(model, device, compile_model)
-    if reason:
-        if memory_format == "channels-last":
-            raise UserInputError(f"--memory-format channels-last: not possible for this run: {reason}")
-        return False
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d) and not (m.in_channels < 16 and m.kernel_size == (1, 1) and m.stride != (1, 1)):
-            m.to(memory_format=torch.channels_last)
-    LOGGER.info(f"{colorstr('memory format: ')}channels-last training (NHWC)")
-    return True
-
-
-def training_forward(model: nn.Module, compile_model: bool):
-    """What runs the training forward: the model itself, or with --compile a ShapeCompiledForward of it."""
-    if not compile_model:
-        return model
-    if RANK != -1:
-        LOGGER.warning("WARNING --compile is not supported with DDP; training without it")
-        return model
-    LOGGER.info(f"{colorstr('compile: ')}torch.compile on the first batch (on a 2-core CPU 2-5 min the first time on a "
-                "machine, seconds once cached); an epoch's last, smaller batch runs eagerly")
-    return ShapeCompiledForward(model)
-
-
-def random_rescale(imgs: torch.Tensor, imgsz: int, gs: int) -> torch.Tensor:
-    """--multi-scale: resize the batch to a random size in [0.5, 1.5] x imgsz, a multiple of the stride."""
-    size = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
-    factor = size / max(imgs.shape[2:])
-    if factor == 1:
-        return imgs
-    shape = [math.ceil(x * factor / gs) * gs for x in imgs.shape[2:]]
-    return nn.functional.interpolate(imgs, size=shape, mode="bilinear", align_corners=False)
-
-
-def labels_to_class_weights(labels: list[np.ndarray], nc: int = 80) -> torch.Tensor:
-    """Inverse-frequency class weights (normalised to sum 1) from the training labels."""
-    if not labels or not any(len(x) for x in labels):
-        return torch.ones(nc) / nc
-    classes = np.concatenate(labels, 0)[:, 0].astype(int)
-    counts = np.bincount(classes, minlength=nc).astype(float)
-    counts[counts == 0] = 1
-    weights = 1 / counts
-    return torch.from_numpy(weights / weights.sum()).float()
-
-
-def labels_to_image_weights(labels: list[np.ndarray], nc: int = 80, class_weights: np.ndarray | None = None):
-    """Per-image sampling weight: sum of its labels' class weights (--image-weights)."""
-    class_weights = np.ones(nc) if class_weights is None else class_weights
-    counts = np.array([np.bincount(x[:, 0].astype(int), minlength=nc) for x in labels])
-    return (class_weights.reshape(1, nc) * counts).sum(1)
-
-
-def tensorboard_writer(save_dir: Path):
-    """A TensorBoard SummaryWriter in save_dir, or None when tensorboard is not installed."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        LOGGER.info("TensorBoard not installed: no event files written")
-        return None
-    LOGGER.info(f"TensorBoard: Start with 'tensorboard --logdir {save_dir.parent}', view at http://localhost:6006/")
-    return SummaryWriter(str(save_dir))
+# ------------------------------------------------------------------------------------------------- command line
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=str, default="", help="initial weights path (our .pt or upstream's)")
-    parser.add_argument("--cfg", type=str, default="", help="model.yaml path or name in models/")
-    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="dataset.yaml path")
-    parser.add_argument("--hyp", type=str, default=ROOT / "data/hyps/hyp.scratch-low.yaml", help="hyperparameters path")
-    parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
-    parser.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs")
-    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (pixels)")
-    parser.add_argument("--rect", action="store_true", help="rectangular training")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training")
-    parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
-    parser.add_argument("--noval", action="store_true", help="only validate final epoch")
-    parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
-    parser.add_argument("--noplots", action="store_true", help="save no plot files")
-    parser.add_argument("--evolve", type=int, nargs="?", const=300, help="evolve hyperparameters for x generations")
-    parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
-    parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
-    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
-    parser.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
-    parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    parser.add_argument("--weights", type=str, default="", help="starting weights: our .pt or an upstream YOLOv5 .pt")
+    parser.add_argument("--cfg", type=str, default="", help="model YAML: a path, or a file name in models/")
+    parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="data YAML (path or name)")
+    parser.add_argument("--hyp", type=str, default=ROOT / "data/hyps/hyp.scratch-low.yaml",
+                        help="hyperparameter YAML (path or name in data/hyps)")
+    parser.add_argument("--epochs", type=int, default=100, help="epochs to train")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per batch, over all devices together")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640,
+                        help="training and validation image size in pixels")
+    parser.add_argument("--rect", action="store_true", help="rectangular batches (no mosaic) instead of squares")
+    parser.add_argument("--resume", nargs="?", const=True, default=False,
+                        help="continue an interrupted run: its last.pt, or the newest one under runs/")
+    parser.add_argument("--nosave", action="store_true", help="write a checkpoint at the end only")
+    parser.add_argument("--noval", action="store_true", help="evaluate after the last epoch only")
+    parser.add_argument("--noautoanchor", action="store_true", help="keep the model's anchors as they are")
+    parser.add_argument("--noplots", action="store_true", help="write no plots or image mosaics")
+    parser.add_argument("--evolve", type=int, nargs="?", const=300,
+                        help="search hyperparameters: this many generations of mutated trainings")
+    parser.add_argument("--cache", type=str, nargs="?", const="ram", help="keep decoded images in 'ram' or on 'disk'")
+    parser.add_argument("--image-weights", action="store_true",
+                        help="sample images by how poorly their classes score (instead of uniformly)")
+    parser.add_argument("--device", default="", help="'cpu', or CUDA device indices such as 0 or 0,1")
+    parser.add_argument("--multi-scale", action="store_true", help="train each batch at a random size, 0.5-1.5x --img")
+    parser.add_argument("--single-cls", action="store_true", help="train every class as one")
     parser.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW", "RMSProp"], default="SGD",
                         help="optimizer")
-    parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
-    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
-    parser.add_argument("--project", default=ROOT / "runs/train", help="save to project/name")
-    parser.add_argument("--name", default="exp", help="save to project/name")
-    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
-    parser.add_argument("--quad", action="store_true", help="quad dataloader")
-    parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
-    parser.add_argument("--label-smoothing", type=float, default=0.0, help="Label smoothing epsilon")
-    parser.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
-    parser.add_argument("--freeze", nargs="+", type=int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
-    parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
-    parser.add_argument("--seed", type=int, default=0, help="Global training seed")
-    parser.add_argument("--local_rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
+    parser.add_argument("--sync-bn", action="store_true", help="synchronised batch norm across DDP processes (CUDA)")
+    parser.add_argument("--workers", type=int, default=8, help="dataloader worker processes at most (per DDP rank)")
+    parser.add_argument("--project", default=ROOT / "runs/train", help="parent folder of the run folder")
+    parser.add_argument("--name", default="exp", help="run folder name (exp, exp2, ... when taken)")
+    parser.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
+    parser.add_argument("--quad", action="store_true", help="collate batches as 2x2 image quads (for large --img)")
+    parser.add_argument("--cos-lr", action="store_true", help="half-cosine learning-rate curve instead of linear")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon of the class loss")
+    parser.add_argument("--patience", type=int, default=100,
+                        help="stop after this many epochs without a better fitness (0: never)")
+    parser.add_argument("--freeze", nargs="+", type=int, default=[0],
+                        help="layers to freeze: one number N freezes layers 0..N-1 (10: a YOLOv5 backbone), "
+                             "several numbers freeze those layers")
+    parser.add_argument("--save-period", type=int, default=-1, help="also keep epochN.pt every N epochs (N >= 1)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the run")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the DDP launcher; leave it alone")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the training forward, in NCHW (a one-off compile of minutes on a CPU; "
-                             "on the CPU measured no faster than eager channels-last training, see docs/BENCHMARKS.md)")
+                        help="torch.compile the training forward, in NCHW (compiling takes minutes on a CPU; see "
+                             "docs/BENCHMARKS.md for what it gains)")
     parser.add_argument("--memory-format", choices=MEMORY_FORMATS, default="auto",
                         help="memory layout of CPU training: 'channels-last' (NHWC), 'nchw', or 'auto' (the default "
                              "layout the README's speed section gives, with its reason)")
@@ -553,7 +575,7 @@ def prepare_resume(opt: argparse.Namespace) -> argparse.Namespace:
     args = argparse.Namespace(**ckpt["train_args"])
     args.weights, args.resume, args.cfg, args.hyp = str(last), True, "", ckpt.get("hyp") or args.hyp
     args.save_dir = str(last.parent.parent)
-    LOGGER.info(f"Resuming training from {last}")
+    LOGGER.info(f"Continuing the run of {last}")
     return args
 
 

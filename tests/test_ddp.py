@@ -33,7 +33,7 @@ def test_torchrun_two_cpu_processes_one_epoch(tmp_path):
     assert out.returncode == 0, log[-4000:]
     assert "Traceback" not in log
     assert "DDP: 2 processes, gloo backend, 2 images per batch each" in log
-    assert log.count("1 epochs completed") == 1  # rank 0 alone logs, validates and saves
+    assert log.count("Training done: 1 epoch(s)") == 1  # rank 0 alone logs, validates and saves
 
     assert [p.name for p in project.iterdir()] == ["exp"]
     rows = (project / "exp" / "results.csv").read_text().splitlines()

@@ -132,7 +132,7 @@ def test_resume_after_kill_mid_epoch_reproduces_uninterrupted_run(tiny_data, uni
     last = tmp_path / "exp" / "weights" / "last.pt"
     assert load_checkpoint(last)["epoch"] == 0
     out = run(["train.py", "--resume", str(last)])
-    assert f"Resuming training from {last} from epoch 1 to {EPOCHS} total epochs" in out
+    assert f"Resuming {last}: epochs 1 to {EPOCHS - 1} of {EPOCHS} remain" in out
     assert_resumed_run_matches(tmp_path / "exp", uninterrupted)
 
 
