@@ -1,9 +1,9 @@
 """Benchmark: nn.Conv2d against models.modules.large_kernel for depthwise 'same' convolutions on the CPU.
 
 Usage:
-    python benchmarks/large_kernel.py                 # layer table and whole-model table
-    python benchmarks/large_kernel.py --runs 3 --no-model
-    python benchmarks/large_kernel.py --threads 1 --clock cpu   # CPU time: steadier on a loaded machine
+    python -m benchmarks large-kernel                 # layer table and whole-model table
+    python -m benchmarks large-kernel --runs 3 --no-model
+    python -m benchmarks large-kernel --threads 1 --clock cpu   # CPU time: steadier on a loaded machine
 
 Prints Markdown tables of median milliseconds (several interleaved runs, 2 threads by default).
 On a shared machine wall-clock figures are noisy; the speed-up ratios, measured in the same run, less so.
@@ -12,40 +12,30 @@ On a shared machine wall-clock figures are noisy; the speed-up ratios, measured 
 from __future__ import annotations
 
 import argparse
-import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from models.modules.large_kernel import LargeKernelDepthwiseConv2d, conv_method  # noqa: E402
+from benchmarks.common import interleaved_medians, markdown_row, markdown_rule
+from models.modules.large_kernel import LargeKernelDepthwiseConv2d, conv_method
+from models.yolo import DetectionModel
 
 # (channels, height/width, kernel): RepLKNet-31B's first stage at 640 px, then a grid of kernel and map sizes.
 LAYER_CASES = [(128, 160, 31)] + [(128, size, k) for size in (40, 80) for k in (7, 13, 27, 31)]
 MODEL_YAML = "yolov5_RepLKNet.yaml"
+LAYER_HEADER = ["depthwise conv (stride 1, 'same')", "nn.Conv2d fwd", "ours fwd", "speed-up", "nn.Conv2d fwd+bwd",
+                "ours fwd+bwd", "speed-up", "fwd rel. err"]
+MODEL_HEADER = ["model", "fast path off (nn.Conv2d)", "fast path on", "speed-up"]
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def median_ms(fns: dict[str, Callable[[], object]], runs: int, clock: Callable[[], float]) -> dict[str, float]:
-    """Median milliseconds of each function on ``clock``, runs interleaved so load changes hit all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = clock()
-            fn()
-            times[name].append(clock() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+    """Median milliseconds of each function on ``clock`` after one warm-up call, runs interleaved."""
+    return {name: 1000 * t for name, t in interleaved_medians(fns, runs, warmup=1, clock=clock).items()}
 
 
 def forward_backward(conv: nn.Module, x: torch.Tensor) -> Callable[[], None]:
@@ -78,8 +68,6 @@ def layer_row(channels: int, size: int, k: int, runs: int, clock: Callable[[], f
 
 
 def model_rows(runs: int, clock: Callable[[], float]) -> list[str]:
-    from models.yolo import DetectionModel
-
     model = DetectionModel(MODEL_YAML).eval()
     rows = []
     for size in (320, 640):
@@ -92,8 +80,8 @@ def model_rows(runs: int, clock: Callable[[], float]) -> list[str]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks large-kernel", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall-clock or process CPU time")
@@ -105,17 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     clock = CLOCKS[opt.clock]
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, {opt.clock} time, median of {opt.runs} runs (ms)\n")
-    print("| depthwise conv (stride 1, 'same') | nn.Conv2d fwd | ours fwd | speed-up | nn.Conv2d fwd+bwd "
-          "| ours fwd+bwd | speed-up | fwd rel. err |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(markdown_row(LAYER_HEADER), markdown_rule("l" + "r" * (len(LAYER_HEADER) - 1)), sep="\n")
     for case in LAYER_CASES:
         print(layer_row(*case, opt.runs, clock), flush=True)
     if not opt.no_model:
-        print("\n| model | fast path off (nn.Conv2d) | fast path on | speed-up |")
-        print("|---|---:|---:|---:|")
+        print("", markdown_row(MODEL_HEADER), markdown_rule("lrrr"), sep="\n")
         for row in model_rows(opt.runs, clock):
             print(row, flush=True)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -7,28 +7,21 @@ formats are timed round-robin (median of --runs after --warmup), and their outpu
 gradients are also compared with a float64 reference.
 
 Usage:
-    python benchmarks/memory_format.py --cfg yolov5s.yaml --runs 10
+    python -m benchmarks memory-format --cfg yolov5s.yaml --runs 10
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from models.yolo import DetectionModel  # noqa: E402
-from train import channels_last_training  # noqa: E402
-from utils.loss import ComputeLoss  # noqa: E402
-from utils.torch_utils import convs_channels_last  # noqa: E402
+from benchmarks.common import interleaved_medians
+from models.memory_format import channels_last_training
+from models.yolo import DetectionModel
+from utils.loss import ComputeLoss
+from utils.torch_utils import convs_channels_last
 
 HYP = {"box": 0.05, "cls": 0.5, "cls_pw": 1.0, "obj": 1.0, "obj_pw": 1.0, "anchor_t": 4.0, "fl_gamma": 0.0,
        "label_smoothing": 0.0}
@@ -39,18 +32,6 @@ def to_format(model: torch.nn.Module, memory_format: torch.memory_format) -> tor
     """A copy of ``model`` with its convolution weights in ``memory_format``."""
     model = copy.deepcopy(model)
     return convs_channels_last(model) if memory_format == torch.channels_last else model
-
-
-def interleaved(fns: dict, runs: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each callable, timed round-robin."""
-    times = {k: [] for k in fns}
-    for i in range(warmup + runs):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def inference_case(model: torch.nn.Module, shape: tuple) -> tuple[dict, float]:
@@ -64,7 +45,8 @@ def inference_case(model: torch.nn.Module, shape: tuple) -> tuple[dict, float]:
     return fns, float((a - b).abs().max() / b.abs().max())
 
 
-def gradient_errors(models: dict, reference: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+def gradient_errors(models: dict, reference: torch.nn.Module, x: torch.Tensor,
+                    targets: torch.Tensor) -> dict[str, float]:
     """||g - g64|| / ||g64|| per format, against float64 NCHW gradients of the same weights and batch."""
     reference = copy.deepcopy(reference).double().train()
     ComputeLoss(reference)(reference(x.double()), targets.double())[0].backward()
@@ -97,12 +79,13 @@ def training_case(model: torch.nn.Module, batch: int, size: int) -> tuple[dict, 
     return {k: (lambda k=k: step(k)) for k in FORMATS}, diff, errors
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cfg", default="yolov5s.yaml")
-    parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks memory-format", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", default="yolov5s.yaml", help="model YAML")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per workload and format (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     opt = parser.parse_args(argv)
     torch.set_num_threads(opt.threads)
     model = DetectionModel(opt.cfg, nc=3, verbose=False)
@@ -117,12 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{opt.cfg}, torch {torch.__version__}, {opt.threads} threads, median of {opt.runs} runs (ms)\n")
     print("| workload | NCHW | channels_last | speed-up | max rel. difference |\n|---|---:|---:|---:|---:|")
     for name, (fns, diff) in cases.items():
-        t = interleaved(fns, opt.runs, opt.warmup)
+        t = interleaved_medians(fns, opt.runs, opt.warmup)
         print(f"| {name} | {t['NCHW'] * 1e3:.1f} | {t['channels_last'] * 1e3:.1f} | "
               f"{t['NCHW'] / t['channels_last']:.2f}x | {diff:.1e} |", flush=True)
     print("\ntraining-step gradients against a float64 NCHW reference (||g - g64|| / ||g64||): "
           + ", ".join(f"{k} {e:.1e}" for k, e in errors.items()))
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -6,8 +6,8 @@ run mAP@0.5, mAP@0.5:0.95 and the final training losses, the mean and spread per
 class loss per epoch of every run. Finished runs are reused, so an interrupted comparison continues where it stopped.
 
 Usage:
-    python benchmarks.py memory-format-ab                               # 2 data sets x 3 seeds x 2 formats
-    python benchmarks.py memory-format-ab --data data/BCCD.yaml --seeds 0 --epochs 3   # a quick look
+    python -m benchmarks memory-format-ab                               # 2 data sets x 3 seeds x 2 formats
+    python -m benchmarks memory-format-ab --data data/BCCD.yaml --seeds 0 --epochs 3   # a quick look
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+from benchmarks.common import ROOT
 
 FORMATS = ("channels-last", "nchw")
 COLUMNS = ["data", "seed", "format", "mAP50", "mAP50-95", "train_cls_loss", "train_box_loss", "train_obj_loss",
@@ -31,7 +29,7 @@ COLUMNS = ["data", "seed", "format", "mAP50", "mAP50-95", "train_cls_loss", "tra
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmarks.py memory-format-ab", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks memory-format-ab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", nargs="+", default=["data/BCCD.yaml", "data/BCCD-small.yaml"], help="data YAMLs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds")
@@ -139,7 +137,7 @@ def plot_class_loss(rows: list[dict], file: Path) -> None:
     plt.close(fig)
 
 
-def main(opt: argparse.Namespace) -> list[dict]:
+def run(opt: argparse.Namespace) -> list[dict]:
     opt.project.mkdir(parents=True, exist_ok=True)
     rows = []
     for data in opt.data:
@@ -155,5 +153,6 @@ def main(opt: argparse.Namespace) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
-    main(parse_opt())
+def main(argv: list[str] | None = None) -> int:
+    run(parse_opt(argv))
+    return 0

@@ -6,8 +6,8 @@ increase over the resident memory just before the forward pass, with glibc told 
 tensors to the system at once (see WORKER_ENV); on CUDA, the allocator's peak and its increase.
 
 Usage:
-    python benchmarks/revcol_memory.py                       # revcol_small, batch 4, 320x320, CPU
-    python benchmarks/revcol_memory.py --variant tiny --batch 2 --img 128 --device cuda
+    python -m benchmarks revcol-memory                       # revcol_small, batch 4, 320x320, CPU
+    python -m benchmarks revcol-memory --variant tiny --batch 2 --img 128 --device cuda
 """
 
 from __future__ import annotations
@@ -21,14 +21,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from models.modules import revcol  # noqa: E402
+from benchmarks.common import MIB, ROOT
+from models.modules import revcol
 
 MODES = {"plain": False, "reversible": True}  # mode -> save_memory
-MIB = 2**20
 # glibc raises its mmap threshold as large blocks are freed and then keeps freed memory in its heap, so
 # resident memory would track the allocator's history instead of the live tensors; a fixed threshold
 # returns every tensor-sized block to the system when it is freed (other C libraries ignore the variable).
@@ -50,8 +46,7 @@ def _reset_peak_rss() -> None:
 
 def variant_config(variant: str) -> dict:
     """FullNet arguments of a named RevCol variant."""
-    channels, layers, columns, drop_path = revcol.VARIANTS[variant]
-    return {"channels": list(channels), "layers": list(layers), "num_subnet": columns, "drop_path": drop_path}
+    return dict(revcol.VARIANTS[variant])
 
 
 def train_step_memory(config: dict, batch: int, img: int, device: str = "cpu") -> dict[str, float]:
@@ -79,7 +74,7 @@ def measure(config: dict, batch: int = 4, img: int = 320, device: str = "cpu") -
     workers = {}
     for mode, save_memory in MODES.items():
         worker_config = json.dumps({**config, "save_memory": save_memory})
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker_config,
+        cmd = [sys.executable, "-m", "benchmarks", "revcol-memory", "--worker", worker_config,
                "--batch", str(batch), "--img", str(img), "--device", device]
         workers[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                           env={**os.environ, **WORKER_ENV})
@@ -93,19 +88,21 @@ def measure(config: dict, batch: int = 4, img: int = 320, device: str = "cpu") -
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", default="small", choices=list(revcol.VARIANTS))
-    parser.add_argument("--batch", type=int, default=4)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks revcol-memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", default="small", choices=list(revcol.VARIANTS), help="RevCol size")
+    parser.add_argument("--batch", type=int, default=4, help="batch size")
     parser.add_argument("--img", type=int, default=320, help="square input size, a multiple of 32")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the step runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: FullNet arguments (JSON) of one mode
     return parser.parse_args(argv)
 
 
-def main(opt: argparse.Namespace) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Both modes side by side, or with --worker one mode's measurement (a JSON line on stdout)."""
+    opt = parse_opt(argv)
     if opt.worker:
         print(json.dumps(train_step_memory(json.loads(opt.worker), opt.batch, opt.img, opt.device)))
-        return
+        return 0
     results = measure(variant_config(opt.variant), opt.batch, opt.img, opt.device)
     print(f"revcol_{opt.variant}, batch {opt.batch}, {opt.img}x{opt.img}, {opt.device}, forward + backward:")
     for mode, r in results.items():
@@ -113,7 +110,4 @@ def main(opt: argparse.Namespace) -> None:
     plain, rev = results["plain"], results["reversible"]
     print(f"  reversible / plain: peak {rev['peak_mib'] / plain['peak_mib']:.3f}, "
           f"increase {rev['train_mib'] / plain['train_mib']:.3f}")
-
-
-if __name__ == "__main__":
-    main(parse_opt())
+    return 0

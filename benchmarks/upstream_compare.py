@@ -19,14 +19,13 @@ font in a private config folder (v7.0 would download Arial.ttf) and TORCH_FORCE_
 (v7.0's checkpoints are pickles, which torch >= 2.6 refuses by default).
 
 Usage:
-    python benchmarks.py upstream --upstream-python ~/yolov5-env/bin/python \\
+    python -m benchmarks upstream --upstream-python ~/yolov5-env/bin/python \\
         --weights runs/train/exp/weights/best.pt --data data/BCCD.yaml --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import shlex
@@ -40,15 +39,13 @@ from pathlib import Path
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.datasets_check import check_dataset  # noqa: E402
+from benchmarks.common import OUTPUT_FOLDER, ROOT, command_line, write_csv, write_text
+from models.backend import SPEED_PATTERN
+from utils.checkpoint import load_checkpoint
+from utils.datasets_check import check_dataset
 
 TASKS = ("val", "detect", "train")
-SPEED = re.compile(r"Speed: ([\d.]+)ms pre-process, ([\d.]+)ms inference, ([\d.]+)ms NMS")
+SPEED = SPEED_PATTERN  # the per-image timing line of val.py and detect.py, ours or upstream's
 METRICS = re.compile(r"^\s*all\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", re.M)
 BAR = re.compile(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<[\d:]+,\s+([\d.]+)(s/it|it/s)\]")
 COLUMNS = ["task", "who", "repeat", "status", "wall_s", "pre_ms", "inf_ms", "nms_ms", "s_per_iter", "metrics",
@@ -224,50 +221,61 @@ def report(rows: list[dict], header: list[str]) -> list[str]:
     return lines
 
 
-def main(opt: argparse.Namespace) -> list[dict]:
-    work = opt.project.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    data = check_dataset(opt.data)
+def sides(opt: argparse.Namespace, data: dict, work: Path) -> tuple[dict, str]:
+    """What each side runs with (Python, folder, environment, data YAML, model YAML, weights) and upstream's version.
+
+    Upstream gets its own data copy and, with --weights, our weights converted into its checkpoint format."""
     root, prefix, version = upstream_location(opt.upstream_python, opt.upstream_root)
     up_env = upstream_env(work)
-    sides = {"ours": {"python": sys.executable, "cwd": ROOT, "env": dict(os.environ), "data": Path(opt.data),
-                      "cfg": opt.cfg, "weights": Path(opt.weights) if opt.weights else None,
-                      "train_extra": shlex.split(opt.ours_train_args)},
-             "upstream": {"python": opt.upstream_python, "cwd": root, "env": up_env,
-                          "data": upstream_data(data, work), "cfg": str(root / "models" / opt.cfg)}}
+    both = {"ours": {"python": sys.executable, "cwd": ROOT, "env": dict(os.environ), "data": Path(opt.data),
+                     "cfg": opt.cfg, "weights": Path(opt.weights) if opt.weights else None,
+                     "train_extra": shlex.split(opt.ours_train_args)},
+            "upstream": {"python": opt.upstream_python, "cwd": root, "env": up_env,
+                         "data": upstream_data(data, work), "cfg": str(root / "models" / opt.cfg)}}
     if opt.weights:
-        sides["upstream"]["weights"] = upstream_weights(Path(opt.weights), opt.upstream_python, root, prefix, work,
-                                                        up_env)
+        both["upstream"]["weights"] = upstream_weights(Path(opt.weights), opt.upstream_python, root, prefix, work,
+                                                       up_env)
+    return both, version
+
+
+def run_rounds(opt: argparse.Namespace, both: dict, source: str, work: Path) -> list[dict]:
+    """Every repeat of every task on both sides, alternating which side goes first; one row per command."""
     tasks = [t for t in opt.tasks if t == "train" or opt.weights]
-    header = [f"upstream: {version}; ours: {ROOT}", f"weights: {opt.weights or '-'}; data: {opt.data}",
-              f"train: {opt.train_epochs} epoch(s); our extra train.py arguments: {opt.ours_train_args or 'none'}",
-              f"repeats: {opt.repeats}, the two sides alternating (ours first in even repeats)",
-              f"command: python benchmarks.py upstream {' '.join(sys.argv[2:])}"]
     rows = []
     for repeat in range(opt.repeats):
         for task in tasks:
-            order = ("ours", "upstream") if repeat % 2 == 0 else ("upstream", "ours")
-            for who in order:
-                side = sides[who]
-                args = task_args(task, side, str(Path(data["val"])), opt, work / "runs", f"{task}_{who}")
+            for who in ("ours", "upstream") if repeat % 2 == 0 else ("upstream", "ours"):
+                side = both[who]
+                args = task_args(task, side, source, opt, work / "runs", f"{task}_{who}")
                 code, wall, text = run_one([side["python"], "-W", "ignore", *args], side["cwd"], side["env"],
                                            work / f"{task}_{who}_{repeat}.log")
                 row = {"task": task, "who": who, "repeat": repeat, "status": "ok" if code == 0 else f"exit {code}",
                        "wall_s": wall, **parse_output(text, opt.train_img)}
                 rows.append(row)
                 print(f"{task:6s} {who:8s} repeat {repeat}: {row['status']}, {wall:.1f} s", flush=True)
-    with open(work / "upstream_compare.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    return rows
+
+
+def run(opt: argparse.Namespace) -> list[dict]:
+    """The whole comparison; writes upstream_compare.csv / .md and the logs into --project, returns the rows."""
+    work = opt.project.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    data = check_dataset(opt.data)
+    both, version = sides(opt, data, work)
+    header = [f"upstream: {version}; ours: {ROOT}", f"weights: {opt.weights or '-'}; data: {opt.data}",
+              f"train: {opt.train_epochs} epoch(s); our extra train.py arguments: {opt.ours_train_args or 'none'}",
+              f"repeats: {opt.repeats}, the two sides alternating (ours first in even repeats)",
+              f"command: {command_line()}"]
+    rows = run_rounds(opt, both, str(Path(data["val"])), work)
+    write_csv(work / "upstream_compare.csv", rows, COLUMNS)
     lines = report(rows, header)
-    (work / "upstream_compare.md").write_text("\n".join(lines) + "\n")
+    write_text(work / "upstream_compare.md", lines)
     print("\n" + "\n".join(lines) + f"\n\nResults and logs saved to {work}")
     return rows
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="benchmarks.py upstream", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks upstream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream-python", required=True, help="Python of an environment with upstream YOLOv5")
     parser.add_argument("--upstream-root", help="upstream git checkout (default: the 'yolov5' package's folder)")
@@ -280,9 +288,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ours-train-args", default="", help="extra train.py arguments for our side, e.g. '--compile'")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="what to compare")
     parser.add_argument("--repeats", type=int, default=3, help="runs per task and side")
-    parser.add_argument("--project", type=Path, default=ROOT / "runs/benchmarks/upstream", help="output folder")
+    parser.add_argument("--project", type=Path, default=OUTPUT_FOLDER / "upstream", help="output folder")
     return parser.parse_args(argv)
 
 
-if __name__ == "__main__":
-    main(parse_opt())
+def main(argv: list[str] | None = None) -> int:
+    rows = run(parse_opt(argv))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -7,27 +7,22 @@ time and peak resident memory of each step, measured on its own process (``os.wa
 subprocess, so a failure is one row with its last error line, not the end of the run.
 
 Usage:
-    python benchmarks/zoo_epoch.py                                 # every models/*.yaml, 64 px, 1 epoch
-    python benchmarks/zoo_epoch.py --models yolov5n.yaml yolov5_RevCol-xlarge.yaml --img 128
+    python -m benchmarks zoo-epoch                                 # every models/*.yaml, 64 px, 1 epoch
+    python -m benchmarks zoo-epoch --models yolov5n.yaml yolov5_RevCol-xlarge.yaml --img 128
+
+Exits with status 1 when a model failed a step, 0 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from utils.synthetic import CLASS_NAMES, generate_shapes  # noqa: E402
+from benchmarks.common import OUTPUT_FOLDER, ROOT, markdown_table, run_logged, standard_options, write_csv, write_text
+from utils.synthetic import CLASS_NAMES, generate_shapes
 
 COLUMNS = ["model", "status", "train_s", "detect_s", "export_s", "peak_rss_gib", "summary"]
 
@@ -48,20 +43,6 @@ def line_with(text: str, marker: str, last: bool = True) -> str:
     return lines[-1 if last else 0] if lines else ""
 
 
-def run_step(command: list[str], log: Path) -> tuple[int, float, float, str]:
-    """Run ``command`` from the repository root; (exit code, wall seconds, peak RSS GiB, output)."""
-    start = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        except KeyboardInterrupt:
-            proc.kill()
-            raise
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 2**20, log.read_text(errors="replace")
-
-
 def workflow(cfg: str, data: Path, opt: argparse.Namespace) -> dict:
     """train.py, then detect.py and export.py on its best.pt; the row of ``cfg``."""
     stem, py = Path(cfg).stem, sys.executable
@@ -79,11 +60,11 @@ def workflow(cfg: str, data: Path, opt: argparse.Namespace) -> dict:
     row = {"model": Path(cfg).name, "status": "ok", "peak_rss_gib": 0.0, "summary": ""}
     run_dir.mkdir(parents=True, exist_ok=True)
     for step, command in steps.items():
-        code, seconds, peak, text = run_step(command, opt.project / f"{stem}.{step}.log")
-        row[f"{step}_s"], row["peak_rss_gib"] = round(seconds, 1), round(max(row["peak_rss_gib"], peak), 2)
+        code, seconds, peak_mib, text = run_logged(command, opt.project / f"{stem}.{step}.log")
+        row[f"{step}_s"], row["peak_rss_gib"] = round(seconds, 1), round(max(row["peak_rss_gib"], peak_mib / 1024), 2)
         if step == "train":
             row["summary"] = line_with(text, " summary: ", last=False)  # the training-form model's
-        if code != 0 or (step == "train" and f"{opt.epochs} epochs completed" not in text):
+        if code != 0 or (step == "train" and f"Training done: {opt.epochs} epoch(s)" not in text):
             error = line_with(text, "Error") or line_with(text, "ERROR") or f"exit code {code}"
             row["status"] = f"{step} failed: {error}"
             break
@@ -91,28 +72,29 @@ def workflow(cfg: str, data: Path, opt: argparse.Namespace) -> dict:
 
 
 def markdown(rows: list[dict], opt: argparse.Namespace) -> list[str]:
-    lines = [f"`python benchmarks.py zoo-epoch --img {opt.img} --epochs {opt.epochs} --batch {opt.batch}`: "
-             f"train.py (final validation included) on 4 + 2 synthetic images, detect.py, export.py --include onnx",
-             "", "| model | status | train.py (s) | detect.py (s) | export.py (s) | peak RSS (GiB) | model summary "
-             "(training form, nc 5) |", "|---|---|---:|---:|---:|---:|---|"]
-    lines += [f"| {r['model']} | {r['status']} | {r.get('train_s', '-')} | {r.get('detect_s', '-')} | "
-              f"{r.get('export_s', '-')} | {r['peak_rss_gib']} | {r['summary']} |" for r in rows]
-    return lines
+    header = ["model", "status", "train.py (s)", "detect.py (s)", "export.py (s)", "peak RSS (GiB)",
+              "model summary (training form, nc 5)"]
+    body = [[r["model"], r["status"], r.get("train_s", "-"), r.get("detect_s", "-"), r.get("export_s", "-"),
+             r["peak_rss_gib"], r["summary"]] for r in rows]
+    return [f"`python -m benchmarks zoo-epoch --img {opt.img} --epochs {opt.epochs} --batch {opt.batch}`: "
+            "train.py (final validation included) on 4 + 2 synthetic images, detect.py, export.py --include onnx",
+            "", *markdown_table(header, body, align="llrrrrl")]
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks zoo-epoch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", help="model YAMLs (default: every models/*.yaml)")
     parser.add_argument("--img", type=int, default=64, help="image size (train.py raises it to 2x the max stride)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--project", type=Path, default=ROOT / "runs/benchmarks/zoo-epoch", help="run folders")
-    parser.add_argument("--csv", type=Path, default=ROOT / "runs/benchmarks/zoo-epoch.csv")
-    parser.add_argument("--md", type=Path, default=ROOT / "runs/benchmarks/zoo-epoch.md")
+    parser.add_argument("--epochs", type=int, default=1, help="training epochs")
+    parser.add_argument("--batch", type=int, default=2, help="training batch size")
+    parser.add_argument("--project", type=Path, default=OUTPUT_FOLDER / "zoo-epoch", help="run folders")
+    standard_options(parser, "zoo-epoch", threads=False)
     return parser.parse_args(argv)
 
 
-def main(opt: argparse.Namespace) -> list[dict]:
+def run(opt: argparse.Namespace) -> list[dict]:
+    """The workflow of every model in turn; writes the CSV and Markdown tables and returns the rows."""
     models = opt.models or sorted(p.name for p in (ROOT / "models").glob("*.yaml"))
     data = tiny_dataset(opt.project, opt.img)
     rows = []
@@ -120,16 +102,12 @@ def main(opt: argparse.Namespace) -> list[dict]:
         rows.append(workflow(cfg, data, opt))
         print(f"{rows[-1]['model']}: {rows[-1]['status']}, train {rows[-1].get('train_s')} s, "
               f"peak {rows[-1]['peak_rss_gib']} GiB", flush=True)
-    opt.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(opt.csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, COLUMNS, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    opt.md.write_text("\n".join(markdown(rows, opt)) + "\n")
+    write_csv(opt.csv, rows, COLUMNS)
+    write_text(opt.md, markdown(rows, opt))
     print("\n".join(markdown(rows, opt)) + f"\n\nResults saved to {opt.csv} and {opt.md}")
     return rows
 
 
-if __name__ == "__main__":
-    result = main(parse_opt())
-    sys.exit(0 if all(r["status"] == "ok" for r in result) else 1)
+def main(argv: list[str] | None = None) -> int:
+    rows = run(parse_opt(argv))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -70,9 +70,9 @@ NEW_FAMILIES_SMALL = ["yolov5_RepLKNet-tiny.yaml", "yolov5_RevCol.yaml", "yolov5
 
 def test_new_families_train_detect_export_through_the_scripts(tmp_path):
     """train.py (one epoch and its final validation), detect.py and export.py --include onnx (with its parity check)
-    on a tiny set, through `benchmarks.py zoo-epoch`, for the small YAML of each new family; the large YAMLs are
+    on a tiny set, through `python -m benchmarks zoo-epoch`, for the small YAML of each new family; the large YAMLs are
     run the same way in docs/BENCHMARKS.md."""
-    out = subprocess.run([sys.executable, "benchmarks.py", "zoo-epoch", "--models", *NEW_FAMILIES_SMALL, "--project",
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "zoo-epoch", "--models", *NEW_FAMILIES_SMALL, "--project",
                           str(tmp_path / "runs"), "--csv", str(tmp_path / "zoo.csv"), "--md", str(tmp_path / "zoo.md")],
                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     rows = list(csv.DictReader(open(tmp_path / "zoo.csv")))

@@ -1,23 +1,12 @@
-"""Speed benchmarks on the CPU: per-model latency, training throughput and memory, and end-to-end val/detect times.
-
-Tasks (the first argument; ``models`` when omitted):
-    models         per model: parameters, GFLOPs, batch-1 latency in four forms (unfolded, folded, TorchScript,
-                   ONNX Runtime), training throughput with train.py's step, peak memory; one subprocess per model
-    e2e            val.py on BCCD and a detect loop, timed like upstream YOLOv5's figures
-    large-kernel   benchmarks/large_kernel.py (its own options follow)
-    revcol-memory  benchmarks/revcol_memory.py (its own options follow)
-    zoo-epoch      benchmarks/zoo_epoch.py: train.py epoch, detect.py, ONNX export per model YAML (own options follow)
-    upstream       benchmarks/upstream_compare.py: val.py, detect.py, train.py against an upstream YOLOv5 install
-    memory-format-ab  benchmarks/memory_format_ab.py: matched train.py runs, channels-last against NCHW (own options)
+"""The models task: per model, parameters, GFLOPs, batch-1 latency in four forms (unfolded, folded, TorchScript,
+ONNX Runtime), training throughput with train.py's step, and peak memory; each model in its own worker subprocess.
 
 Usage:
-    python benchmarks.py                                          # every models/*.yaml up to --max-gflops
-    python benchmarks.py --models yolov5s.yaml yolov5s_RepVGG.yaml --img 320 640 --runs 20 --train-iters 10
-    python benchmarks.py --models runs/train/exp/weights/best.pt --no-train
-    python benchmarks.py e2e                                      # yolov5s (random weights) on data/BCCD.yaml at 640
-    python benchmarks.py large-kernel --runs 3
+    python -m benchmarks                                          # every models/*.yaml up to --max-gflops
+    python -m benchmarks --models yolov5s.yaml yolov5s_RepVGG.yaml --img 320 640 --runs 20 --train-iters 10
+    python -m benchmarks models --models runs/train/exp/weights/best.pt --no-train
 
-The models task exits with status 1 when a model failed or timed out (its row says why), 0 otherwise.
+Exits with status 1 when a model failed or timed out (its row says why), 0 otherwise.
 
 Efficiency divides an achieved FLOP rate by the float32 matmul rate measured at the start of the run, so figures
 from different machines (or from one machine under different load) can be compared:
@@ -29,14 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import importlib.util
 import json
 import os
-import platform
-import re
-import resource
-import shlex
 import statistics
 import subprocess
 import sys
@@ -46,103 +29,28 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-
-from export import export_one, prepare_for_export  # noqa: E402
-from models.yolo import MODELS_DIR, DetectionModel, find_model_yaml  # noqa: E402
-from train import channels_last_training  # noqa: E402
-from models.loading import build_model  # noqa: E402
-from utils.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint  # noqa: E402
-from utils.dataloaders import LoadImages, create_dataloader  # noqa: E402
-from utils.datasets_check import check_dataset  # noqa: E402
-from utils.general import LOGGER, UserInputError, machine_summary, set_logging, yaml_load  # noqa: E402
-from utils.loss import ComputeLoss  # noqa: E402
-from utils.nms import non_max_suppression  # noqa: E402
-from utils.torch_utils import ModelEMA, count_flops, model_gflops, retain_freed_memory, smart_optimizer  # noqa: E402
+from benchmarks.common import (
+    ROOT, efficiency, fmt, header_lines, interleaved_medians, markdown_table, matmul_gflops,
+    peak_rss_mib, standard_options, train_efficiency, write_csv, write_text,
+)
+from export import export_one, prepare_for_export
+from models.loading import build_model
+from models.memory_format import channels_last_training
+from models.yolo import MODELS_DIR, DetectionModel, find_model_yaml
+from train import MAX_GRAD_NORM, load_hyp, loss_gains
+from utils.checkpoint import load_checkpoint
+from utils.dataloaders import create_dataloader
+from utils.datasets_check import check_dataset
+from utils.general import LOGGER, UserInputError, set_logging
+from utils.loss import ComputeLoss
+from utils.schedule import Schedule, scaled_weight_decay
+from utils.torch_utils import ModelEMA, count_flops, model_gflops, retain_freed_memory, smart_optimizer
 
 FORMS = ("unfolded", "folded", "torchscript", "onnxruntime")
-MIB = 2**20
-NBS = 64  # train.py's nominal batch size
 DEFAULT_MAX_GFLOPS = 80.0  # default model set: YAMLs up to this many GFLOPs at 640 (one small size per family)
-VAL_THRESHOLDS = {"conf": 0.001, "iou": 0.6}  # val.py's defaults, as in upstream's val commands
-DETECT_THRESHOLDS = {"conf": 0.25, "iou": 0.45, "max_det": 1000}  # upstream detect.py's defaults
-SPEED_LINE = re.compile(r"Speed: ([\d.]+)ms pre-process, ([\d.]+)ms inference, ([\d.]+)ms NMS")
-
-
-# ------------------------------------------------------------------------------------------------------ machine
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (the processor name elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def header_lines(threads: int) -> list[str]:
-    """The exact command line and a machine summary, printed and written above every table."""
-    return [f"command: python {shlex.join(sys.argv)}",
-            f"machine: {machine_summary()}, {cpu_model()}, {available_cores()} cores, "
-            f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
-            f"torch {torch.__version__}, threads: {threads}, {time.strftime('%Y-%m-%d %H:%M:%S')}"]
-
-
-def median_seconds(fn: Callable[[], object], runs: int, warmup: int) -> float:
-    """Median wall time of ``fn`` over ``runs`` calls after ``warmup`` untimed calls."""
-    return interleaved_medians({"fn": fn}, runs, warmup)["fn"]
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
-    """Median wall time of each function; the timed runs go round-robin so a change of load hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def matmul_gflops(size: int = 2048, runs: int = 10) -> float:
-    """float32 GFLOP/s of a size x size x size matrix product (median of ``runs``, current torch threads)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
-    seconds = median_seconds(lambda: torch.mm(a, b, out=out), runs, warmup=1)
-    return 2 * size**3 / seconds / 1e9
-
-
-def efficiency(gflop: float | None, seconds: float, matmul: float) -> float | None:
-    """Achieved FLOP rate of ``gflop`` done in ``seconds``, as a fraction of the matmul rate."""
-    return None if gflop is None else gflop / seconds / matmul
-
-
-def train_efficiency(images_per_s: float, forward_gflops: float, matmul: float) -> float:
-    """Training efficiency as in upstream_speed.md: images/s x 3 x forward GFLOPs / matmul GFLOP/s."""
-    return images_per_s * 3 * forward_gflops / matmul
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MIB if sys.platform == "darwin" else peak / 1024
 
 
 # ------------------------------------------------------------------------------------------------------- models
@@ -242,45 +150,35 @@ def measure_latency(spec: str, job: dict, result: dict, save: Callable[[], None]
 # ----------------------------------------------------------------------------------------------------- training
 
 
-def load_hyp(path: str | Path) -> dict:
-    return yaml_load(path if Path(path).is_file() else ROOT / "data/hyps" / Path(path).name)
-
-
 class TrainStep:
-    """One training iteration as train.py does it on the CPU: forward, ComputeLoss, backward, and on train.py's
-    warm-up accumulation schedule gradient clipping, an SGD step and the EMA update. Same hyp scaling and memory
-    format (channels-last where train.py uses it) as train.py."""
+    """One training iteration as train.py does it on the CPU: forward, ComputeLoss, backward, and when the
+    accumulation schedule says so gradient clipping, an SGD step and the EMA update. The model, memory format, loss
+    gains and weight decay are set up as train.py sets them; the learning rate stays at lr0 (speed does not depend
+    on it)."""
 
     def __init__(self, definition: dict | Path, nc: int, imgsz: int, batch: int, hyp: dict, batches_per_epoch: int):
         torch.manual_seed(0)
         self.model = DetectionModel(definition, nc=nc, anchors=hyp.get("anchors"), verbose=False).train()
         channels_last_training(self.model, torch.device("cpu"), compile_model=False)
-        hyp = dict(hyp)
-        hyp["weight_decay"] *= batch * max(round(NBS / batch), 1) / NBS
-        nl = self.model.model[-1].nl
-        hyp["box"] *= 3 / nl
-        hyp["cls"] *= nc / 80 * 3 / nl
-        hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
-        hyp["label_smoothing"] = 0.0
+        hyp = loss_gains(hyp, self.model.model[-1].nl, nc, imgsz)
+        hyp.update(weight_decay=scaled_weight_decay(hyp["weight_decay"], batch), label_smoothing=0.0)
         self.model.nc, self.model.hyp = nc, hyp
         self.optimizer = smart_optimizer(self.model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
         self.ema = ModelEMA(self.model)
         self.compute_loss = ComputeLoss(self.model)
-        self.warmup_iters = max(round(hyp["warmup_epochs"] * batches_per_epoch), 100)
-        self.max_accumulate = NBS / batch
+        self.schedule = Schedule(hyp, epochs=1, batches=batches_per_epoch, batch_size=batch)
         self.iteration, self.last_step = 0, -1
 
     def __call__(self, imgs: torch.Tensor, targets: torch.Tensor) -> None:
-        ni = self.iteration
-        accumulate = max(1, int(np.interp(ni, [0, self.warmup_iters], [1, self.max_accumulate]).round()))
+        accumulate = self.schedule.at(self.iteration).accumulate
         loss, _ = self.compute_loss(self.model(imgs.float() / 255), targets)
         loss.backward()
-        if ni - self.last_step >= accumulate:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+        if self.iteration - self.last_step >= accumulate:
+            nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=MAX_GRAD_NORM)
             self.optimizer.step()
             self.optimizer.zero_grad()
             self.ema.update(self.model)
-            self.last_step = ni
+            self.last_step = self.iteration
         self.iteration += 1
 
 
@@ -365,10 +263,10 @@ def run_worker(job: dict) -> int:
 
 
 def spawn_worker(job: dict, timeout: float) -> dict:
-    """Run ``python benchmarks.py --worker JSON`` for one model; its (possibly partial) result and status."""
+    """Run ``python -m benchmarks models --worker JSON`` for one model; its (possibly partial) result and status."""
     with tempfile.TemporaryDirectory(prefix="bench_worker_") as folder:
         job = {**job, "out": str(Path(folder) / "result.json")}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+        cmd = [sys.executable, "-m", "benchmarks", "models", "--worker", json.dumps(job)]
         try:
             rc = subprocess.run(cmd, cwd=ROOT, timeout=timeout).returncode
             status = None if rc in (0, 1) else f"crashed (exit {rc})"
@@ -394,28 +292,6 @@ def model_columns(sizes: list[int], forms: list[str]) -> list[str]:
             "threads", "error"]
 
 
-def write_csv(file: Path, rows: list[dict], columns: list[str]) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def fmt(value, digits: int = 3) -> str:
-    """A table cell: numbers to ``digits`` significant figures, missing values as '-'."""
-    if value is None or value == "":
-        return "-"
-    if not isinstance(value, float):
-        return str(value)
-    return f"{value:.0f}" if abs(value) >= 10**digits else f"{value:.{digits}g}"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(r) + " |" for r in rows)]
-
-
 def latency_table(rows: list[dict], sizes: list[int], forms: list[str]) -> list[str]:
     header = ["model", "params (M)", "GFLOPs @640", "folded GFLOPs @640",
               *(f"{form} @{size} ms (eff.)" for size in sizes for form in forms)]
@@ -433,14 +309,6 @@ def training_table(rows: list[dict]) -> list[str]:
              *(fmt(r.get(key), 0) for key in ("base_mib", "peak_infer_mib", "peak_mib")),
              r.get("status", "?") + (f": {r['error']}" if r.get("error") else "")] for r in rows]
     return markdown_table(header, body)
-
-
-def write_text(file: Path, lines: list[str]) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text("\n".join(lines) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------- models task
 
 
 def make_job(opt: argparse.Namespace, model: str, matmul: float, data_ips: float | None) -> dict:
@@ -464,7 +332,7 @@ def models_report(opt: argparse.Namespace, header: list[str], rows: list[dict]) 
             *training_table(rows)]
 
 
-def run_models(opt: argparse.Namespace) -> int:
+def run(opt: argparse.Namespace) -> int:
     """The models task: machine figures once, then one worker subprocess per model; writes CSV and Markdown."""
     torch.set_num_threads(opt.threads)
     header = header_lines(opt.threads)
@@ -494,179 +362,11 @@ def run_models(opt: argparse.Namespace) -> int:
     return int(any(r.get("status") != "ok" for r in rows))
 
 
-# ---------------------------------------------------------------------------------------------------- e2e task
-
-
-def random_checkpoint(cfg: str, data: dict, file: Path) -> Path:
-    """A checkpoint of ``cfg`` with seeded random weights and the dataset's classes (speed only: its mAP is 0)."""
-    torch.manual_seed(0)
-    model = DetectionModel(cfg, nc=data["nc"], verbose=False)
-    model.names = data["names"]
-    save_checkpoint(make_checkpoint(model, ema=None, epoch=-1), file)
-    return file
-
-
-def parse_speed(text: str) -> tuple[float, float, float]:
-    """(pre-process, inference, NMS) ms per image from val.py's 'Speed:' line."""
-    match = SPEED_LINE.search(text)
-    if not match:
-        raise RuntimeError("val.py printed no 'Speed:' line")
-    return tuple(float(x) for x in match.groups())
-
-
-def time_val(weights: Path, opt: argparse.Namespace, folder: Path) -> dict:
-    """Wall time of the whole val.py command and its per-image times."""
-    cmd = [sys.executable, "val.py", "--weights", str(weights), "--data", str(opt.data), "--img", str(opt.img),
-           "--batch-size", str(opt.batch), "--device", "cpu", "--project", str(folder), "--name", "val",
-           "--exist-ok"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(opt.threads)}
-    start = time.perf_counter()
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - start
-    if out.returncode:
-        raise RuntimeError(f"val.py failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
-    pre, inf, nms = parse_speed(out.stdout + out.stderr)
-    return {"command": "python " + shlex.join(cmd[1:]), "wall_s": wall, "pre_ms": pre, "inf_ms": inf, "nms_ms": nms}
-
-
-def detect_one(model: nn.Module, im: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """(raw predictions, detections, [pre, inference, NMS] seconds) of detect.py's steps on one letterboxed image."""
-    marks = [time.perf_counter()]
-    x = (torch.from_numpy(im).float() / 255)[None]
-    marks.append(time.perf_counter())
-    with torch.inference_mode():
-        pred = model(x)
-        marks.append(time.perf_counter())
-        det = non_max_suppression(pred, DETECT_THRESHOLDS["conf"], DETECT_THRESHOLDS["iou"],
-                                  max_det=DETECT_THRESHOLDS["max_det"])[0]
-    marks.append(time.perf_counter())
-    return pred, det, [b - a for a, b in zip(marks, marks[1:], strict=False)]
-
-
-def time_detect(weights: Path, source: str, img: int) -> dict:
-    """detect.py's loop over the images of ``source``: letterbox (auto), folded .pt model, NMS at detect's defaults.
-
-    Timed like upstream's detect.py: pre-process = array -> normalized tensor, no warm-up (the first image is
-    included); reading + letterboxing is timed separately ('load'). Also counts the boxes NMS had to consider:
-    those whose objectness passes val's and detect's confidence thresholds.
-    """
-    from models.backend import InferenceBackend
-
-    model = InferenceBackend(weights, "cpu")
-    images = iter(LoadImages(source, img_size=img, stride=model.stride, auto=True))
-    times = dict.fromkeys(("load", "pre", "inf", "nms"), 0.0)
-    counts = dict.fromkeys(("val_candidates", "detect_candidates", "detections"), 0)
-    n, start = 0, time.perf_counter()
-    while True:
-        before = time.perf_counter()
-        item = next(images, None)
-        if item is None:
-            break
-        times["load"] += time.perf_counter() - before
-        pred, det, seconds = detect_one(model, item[1])
-        for key, s in zip(("pre", "inf", "nms"), seconds, strict=True):
-            times[key] += s
-        counts["val_candidates"] += int((pred[..., 4] > VAL_THRESHOLDS["conf"]).sum())
-        counts["detect_candidates"] += int((pred[..., 4] > DETECT_THRESHOLDS["conf"]).sum())
-        counts["detections"] += len(det)
-        n += 1
-    wall, per = time.perf_counter() - start, 1 / max(n, 1)
-    return {"images": n, "wall_s": wall, **{f"{k}_ms": v * per * 1e3 for k, v in times.items()},
-            **{f"{k}_per_image": v * per for k, v in counts.items()}}
-
-
-E2E_COLUMNS = ["what", "command", "images", "wall_s", "load_ms", "pre_ms", "inf_ms", "nms_ms",
-               "val_candidates_per_image", "detect_candidates_per_image", "detections_per_image"]
-
-
-def e2e_report(opt: argparse.Namespace, header: list[str], val: dict, detect: dict, weights: Path) -> list[str]:
-    rows = [["val.py", fmt(val["wall_s"]), "-", fmt(val["pre_ms"]), fmt(val["inf_ms"]), fmt(val["nms_ms"])],
-            ["detect loop", fmt(detect["wall_s"]), fmt(detect["load_ms"]), fmt(detect["pre_ms"]),
-             fmt(detect["inf_ms"]), fmt(detect["nms_ms"])]]
-    return ["# End-to-end benchmarks", "", *(f"- {line}" for line in header), f"- weights: {weights}",
-            f"- val.py: `{val['command']}` (conf {VAL_THRESHOLDS['conf']}, IoU {VAL_THRESHOLDS['iou']}: val.py's "
-            "defaults, as in upstream's val commands); wall = the whole command, Python start-up included",
-            f"- detect loop: {detect['images']} images of {opt.data}'s val split at {opt.img}, batch 1, folded model "
-            f"through InferenceBackend, NMS conf {DETECT_THRESHOLDS['conf']}, IoU {DETECT_THRESHOLDS['iou']}, "
-            f"max_det {DETECT_THRESHOLDS['max_det']} (upstream detect.py's defaults); wall = the loop only",
-            f"- NMS time depends on how many boxes pass the confidence threshold. Per image, objectness passed "
-            f"{detect['val_candidates_per_image']:.0f} boxes at conf {VAL_THRESHOLDS['conf']} and "
-            f"{detect['detect_candidates_per_image']:.1f} at conf {DETECT_THRESHOLDS['conf']}; "
-            f"{detect['detections_per_image']:.1f} detections kept. A trained model gives other counts.", "",
-            *markdown_table(["what", "wall (s)", "load ms/image", "pre-process ms/image", "inference ms/image",
-                             "NMS ms/image"], rows)]
-
-
-def run_e2e(opt: argparse.Namespace) -> int:
-    """The e2e task: val.py's wall and per-image times, and detect.py's per-image times, on --data's val split."""
-    torch.set_num_threads(opt.threads)
-    header = header_lines(opt.threads)
-    data = check_dataset(opt.data)
-    opt.csv.parent.mkdir(parents=True, exist_ok=True)
-    weights = Path(opt.weights) if opt.weights else random_checkpoint(
-        opt.cfg, data, opt.csv.parent / f"{Path(opt.cfg).stem}_random_{data['nc']}cls.pt")
-    LOGGER.info("\n".join(header))
-    val = time_val(weights, opt, opt.csv.parent)
-    detect = time_detect(weights, data["val"], opt.img)
-    write_csv(opt.csv, [{"what": "val.py", **val}, {"what": "detect loop", **detect}], E2E_COLUMNS)
-    report = e2e_report(opt, header, val, detect, weights)
-    write_text(opt.md, report)
-    LOGGER.info("\n" + "\n".join(report) + f"\n\nResults saved to {opt.csv} and {opt.md}")
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 
-def load_script(name: str):
-    """benchmarks/<name>.py as a module (this file's name shadows the benchmarks/ folder as a package)."""
-    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_large_kernel(argv: list[str]) -> int:
-    load_script("large_kernel").main(argv)
-    return 0
-
-
-def run_revcol_memory(argv: list[str]) -> int:
-    script = load_script("revcol_memory")
-    script.main(script.parse_opt(argv))
-    return 0
-
-
-def run_zoo_epoch(argv: list[str]) -> int:
-    script = load_script("zoo_epoch")
-    rows = script.main(script.parse_opt(argv))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
-
-
-def run_upstream(argv: list[str]) -> int:
-    script = load_script("upstream_compare")
-    rows = script.main(script.parse_opt(argv))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
-
-
-def run_memory_format_ab(argv: list[str]) -> int:
-    script = load_script("memory_format_ab")
-    script.main(script.parse_opt(argv))
-    return 0
-
-
-DELEGATES = {"large-kernel": run_large_kernel, "revcol-memory": run_revcol_memory, "zoo-epoch": run_zoo_epoch,
-             "upstream": run_upstream, "memory-format-ab": run_memory_format_ab}
-
-
-def common_options(parser: argparse.ArgumentParser, name: str) -> None:
-    parser.add_argument("--threads", type=int, default=available_cores(), help="torch threads (default: all cores)")
-    parser.add_argument("--csv", type=Path, default=ROOT / f"runs/benchmarks/{name}.csv", help="CSV output path")
-    parser.add_argument("--md", type=Path, default=ROOT / f"runs/benchmarks/{name}.md", help="Markdown output path")
-
-
-def models_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="benchmarks.py [models]", description=__doc__,
+def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks [models]", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", help="model YAMLs (path or name in models/) or .pt weights "
                         "(default: every models/*.yaml with at most --max-gflops at 640)")
@@ -689,37 +389,15 @@ def models_parser() -> argparse.ArgumentParser:
     parser.add_argument("--matmul-runs", type=int, default=10, help="matmul runs (median reported)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed per model")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one model's job (JSON), see run_worker
-    common_options(parser, "models")
-    return parser
-
-
-def e2e_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="benchmarks.py e2e", description="val.py and detect timings vs upstream")
-    parser.add_argument("--weights", help=".pt weights (default: --cfg with seeded random weights)")
-    parser.add_argument("--cfg", default="yolov5s.yaml", help="model YAML for the random-weights checkpoint")
-    parser.add_argument("--data", default="data/BCCD.yaml", help="data YAML (its val split is used)")
-    parser.add_argument("--img", "--imgsz", type=int, default=640, help="image size")
-    parser.add_argument("--batch", type=int, default=32, help="val.py batch size")
-    common_options(parser, "e2e")
-    return parser
+    standard_options(parser, "models")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    task = argv.pop(0) if argv and argv[0] in (*DELEGATES, "models", "e2e") else "models"
-    if task in DELEGATES:
-        return DELEGATES[task](argv)
-    opt = (e2e_parser() if task == "e2e" else models_parser()).parse_args(argv)
-    if getattr(opt, "worker", None):
+    """The models task, or with --worker the measurement of one model inside its subprocess."""
+    opt = parse_opt(argv)
+    if opt.worker:
         set_logging(verbose=False)
         return run_worker(json.loads(opt.worker))
     set_logging()
-    return run_e2e(opt) if task == "e2e" else run_models(opt)
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserInputError as e:
-        LOGGER.error(f"ERROR: {e}")
-        sys.exit(2)
+    return run(opt)
