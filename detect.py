@@ -31,15 +31,14 @@ import cv2
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: make the repository importable
+    sys.path.append(str(Path(__file__).resolve().parent))
 
 from models.backend import InferenceBackend, Stopwatch, class_counts, mean_ms, speed_summary  # noqa: E402
 from utils.boxes import scale_boxes  # noqa: E402
 from utils.dataloaders import LoadImages, LoadStreams, is_stream_source  # noqa: E402
 from utils.general import (  # noqa: E402
-    LOGGER, UserInputError, check_img_size, colorstr, increment_path, run_cli,
+    ROOT, LOGGER, UserInputError, check_img_size, colorstr, increment_path, run_cli,
 )
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.plots import Annotator, colors  # noqa: E402

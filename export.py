@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: make the repository importable
+    sys.path.append(str(Path(__file__).resolve().parent))
 
 from models.yolo import Detect  # noqa: E402
 from models.backend import (  # noqa: E402
@@ -43,7 +42,7 @@ from models.backend import (  # noqa: E402
 )
 from models.loading import load_model  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.general import LOGGER, UserInputError, check_img_size, colorstr, run_cli  # noqa: E402
+from utils.general import ROOT, LOGGER, UserInputError, check_img_size, colorstr, run_cli  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx"}

@@ -26,7 +26,7 @@ import torch.nn as nn
 import yaml
 from tqdm import tqdm
 
-if str(Path(__file__).resolve().parent) not in sys.path:
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: make the repository importable
     sys.path.append(str(Path(__file__).resolve().parent))
 
 from models.loading import build_model, transfer_weights  # noqa: E402

@@ -20,16 +20,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: make the repository importable
+    sys.path.append(str(Path(__file__).resolve().parent))
 
 from models.backend import InferenceBackend, Stopwatch, mean_ms, speed_summary  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.datasets_check import check_dataset  # noqa: E402
 from utils.general import (  # noqa: E402
-    LOGGER, TQDM_BAR_FORMAT, UserInputError, check_img_size, colorstr, increment_path, run_cli,
+    ROOT, LOGGER, TQDM_BAR_FORMAT, UserInputError, check_img_size, colorstr, increment_path, run_cli,
 )
 from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402

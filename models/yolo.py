@@ -21,16 +21,15 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: make the repository importable
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 import models.modules  # noqa: E402
 from models.common import (  # noqa: E402
     C3, C3SPP, C3TR, SPP, SPPF, BatchNorm2d, Bottleneck, BottleneckCSP, C3Ghost, C3x, Concat, Contract, Conv,
     CrossConv, DWConv, Expand, Focus, GhostBottleneck, GhostConv,
 )
-from utils.general import LOGGER, UserInputError, first_line, make_divisible, set_logging, yaml_load  # noqa: E402
+from utils.general import ROOT, LOGGER, UserInputError, first_line, make_divisible, set_logging, yaml_load  # noqa: E402
 from utils.torch_utils import model_info, profile_layer, scale_img, select_device  # noqa: E402
 
 MODELS_DIR = ROOT / "models"
