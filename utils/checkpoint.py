@@ -7,7 +7,7 @@ A checkpoint is a dict of plain data:
     model       state_dict of the trained model (float32)
     ema         state_dict of the EMA model or None; ``updates`` its update count
     names, nc, stride
-    optimizer, scheduler, scaler   state dicts (absent in stripped checkpoints)
+    optimizer, scaler   state dicts (absent in stripped checkpoints)
     epoch, best_fitness, train_args, hyp, rng, versions, date
 """
 
