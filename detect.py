@@ -34,14 +34,18 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: make the repository importable
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from models.backend import InferenceBackend, Stopwatch, class_counts, mean_ms, speed_summary  # noqa: E402
+from models.backend import SUFFIXES, InferenceBackend, Stopwatch, class_counts, mean_ms, speed_summary  # noqa: E402
 from utils.boxes import scale_boxes  # noqa: E402
 from utils.dataloaders import LoadImages, LoadStreams, is_stream_source  # noqa: E402
+from utils.datasets_check import data_yaml_file  # noqa: E402
 from utils.general import (  # noqa: E402
     ROOT, LOGGER, UserInputError, check_img_size, colorstr, increment_path, run_cli,
 )
 from utils.nms import non_max_suppression  # noqa: E402
-from utils.plots import Annotator, colors  # noqa: E402
+from utils.options import (  # noqa: E402
+    Combination, OptionParser, check_options, device_spec, each, found, fraction, not_empty, on_cpu, suffix, whole,
+)
+from utils.plots import Annotator, colors, imwrite, save_one_box  # noqa: E402
 from utils.predictions import save_one_txt  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
@@ -59,44 +63,6 @@ def display_available() -> bool:
         return True
     except cv2.error:
         return False
-
-
-def imwrite(path: str | Path, im: np.ndarray) -> None:
-    """cv2.imwrite that also works for non-ASCII paths."""
-    ok, buffer = cv2.imencode(Path(path).suffix or ".jpg", im)
-    if not ok:
-        raise OSError(f"could not encode image {path}")
-    buffer.tofile(str(path))
-
-
-def crop_region(xyxy, image_hw: tuple[int, int], gain: float = 1.02, pad: int = 10,
-                square: bool = False) -> tuple[slice, slice]:
-    """(rows, columns) slices of the region around box ``xyxy``: each side scaled by ``gain`` and grown by
-    ``pad`` pixels about the box centre (both sides equal to the longer one first when ``square``), then
-    limited to an image of size ``image_hw``; the edges are truncated to whole pixels."""
-    corners = np.asarray(xyxy, dtype=np.float64).reshape(2, 2)  # [[x1, y1], [x2, y2]]
-    centre, extent = corners.mean(0), corners[1] - corners[0]
-    if square:
-        extent = np.full(2, extent.max())
-    half = (extent * gain + pad) / 2
-    limits = np.asarray(image_hw[1::-1], dtype=np.float64)  # (width, height)
-    (left, top), (right, bottom) = (np.clip(centre + sign * half, 0, limits).astype(int) for sign in (-1, 1))
-    return slice(top, bottom), slice(left, right)
-
-
-def save_one_box(xyxy, im: np.ndarray, file: Path, gain: float = 1.02, pad: int = 10, square: bool = False,
-                 save: bool = True) -> np.ndarray:
-    """The part of BGR image ``im`` around box ``xyxy`` (see ``crop_region``).
-
-    With ``save`` the crop is also written as a JPEG at ``file``, numbered when that name is taken (x.jpg, x2.jpg, ...).
-    """
-    rows, columns = crop_region(xyxy, im.shape[:2], gain, pad, square)
-    crop = im[rows, columns]
-    if save:
-        target = increment_path(Path(file).with_suffix(".jpg"))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        imwrite(target, crop)
-    return crop
 
 
 def write_csv(file: Path, image_name: str, det: torch.Tensor, names: dict[int, str]) -> None:
@@ -333,8 +299,41 @@ def run(
     return save_dir
 
 
+def one_model(weights) -> str | None:
+    """--weights: one model file (a list from the command line holds one path)."""
+    if isinstance(weights, (list, tuple)) and len(weights) != 1:
+        return "give one model (ensembles are not supported)"
+    return suffix(*SUFFIXES)(weights)
+
+
+DETECT_RULES = {  # flag -> rule; checked in this order, before anything is loaded
+    "--weights": one_model,
+    "--data": found(data_yaml_file, "data YAML not found (a path, or a file name in data/)"),
+    "--imgsz": each(whole(1), counts=(1, 2)),
+    "--conf-thres": fraction(),
+    "--iou-thres": fraction(),
+    "--max-det": whole(1),
+    "--device": device_spec,
+    "--classes": each(whole(0)),
+    "--name": not_empty,
+    "--line-thickness": whole(1),
+    "--vid-stride": whole(1),
+}
+DETECT_COMBINATIONS = (
+    Combination(("--save-conf",), lambda o: o.save_conf and not o.save_txt,
+                "it adds a column to the --save-txt label files; pass --save-txt too"),
+    Combination(("--half", "--device"), lambda o: o.half and on_cpu(o.device),
+                "float16 inference needs a CUDA device (e.g. --device 0)"),
+)
+
+
+def check_detect_options(opt: argparse.Namespace, spelled: dict[str, str] | None = None) -> None:
+    """DETECT_RULES and DETECT_COMBINATIONS; a failure raises UserInputError naming the flag."""
+    check_options(opt, DETECT_RULES, DETECT_COMBINATIONS, spelled)
+
+
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
                         help="the model file: a .pt checkpoint, or a .torchscript/.onnx export")
     parser.add_argument("--source", type=str, default=ROOT / "data/images",
@@ -367,7 +366,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--half", action="store_true", help="run in float16 (CUDA only)")
     parser.add_argument("--dnn", action="store_true", help="run .onnx files with OpenCV DNN, not ONNX Runtime")
     parser.add_argument("--vid-stride", type=int, default=1, help="use every n-th frame of videos and streams")
-    opt = parser.parse_args(argv)
+    opt = parser.parse_checked(argv, check_detect_options)
     opt.imgsz *= 2 if len(opt.imgsz) == 1 else 1
     return opt
 

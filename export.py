@@ -42,11 +42,16 @@ from models.backend import (  # noqa: E402
 )
 from models.loading import load_model  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.datasets_check import data_yaml_file  # noqa: E402
 from utils.general import ROOT, LOGGER, UserInputError, check_img_size, colorstr, run_cli  # noqa: E402
+from utils.options import (  # noqa: E402
+    Combination, OptionParser, between, check_options, device_spec, each, found, on_cpu, suffix, whole,
+)
 from utils.torch_utils import select_device  # noqa: E402
 
 FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx"}
 DEFAULT_OPSET = 17
+OPSETS = (9, 20)  # what the TorchScript-based exporter writes for these models (8 and below lack their resizes)
 # Parity check: largest allowed difference between an exported file's output and PyTorch's, for boxes
 # relative to the input's longer side and for objectness/class scores (in [0, 1]) absolute.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2}
@@ -294,6 +299,33 @@ def load_folded(weights: Path, device: torch.device, data: str | Path | None = N
     return model
 
 
+def known_format(fmt) -> str | None:
+    return None if str(fmt).lower() in FORMATS else f"not supported here; choose from {', '.join(FORMATS)}"
+
+
+EXPORT_RULES = {  # flag -> rule; checked in this order, before the checkpoint is loaded
+    "--weights": suffix(".pt", what="a .pt checkpoint (export.py starts from one)"),
+    "--data": found(data_yaml_file, "data YAML not found (a path, or a file name in data/)"),
+    "--imgsz": each(whole(1), counts=(1, 2)),
+    "--batch-size": whole(1),
+    "--device": device_spec,
+    "--opset": between(*OPSETS),
+    "--include": each(known_format),
+}
+EXPORT_COMBINATIONS = (
+    Combination(("--half", "--device"), lambda o: o.half and on_cpu(o.device),
+                "float16 exports need a CUDA device (e.g. --device 0)"),
+    Combination(("--half", "--dynamic"), lambda o: o.half and o.dynamic, "cannot be combined: pick one of them"),
+    Combination(("--simplify", "--include"), lambda o: o.simplify and "onnx" not in map(str.lower, map(str, o.include)),
+                "--simplify works on ONNX graphs: add onnx to --include"),
+)
+
+
+def check_export_options(opt: argparse.Namespace, spelled: dict[str, str] | None = None) -> None:
+    """EXPORT_RULES and EXPORT_COMBINATIONS; a failure raises UserInputError naming the flag."""
+    check_options(opt, EXPORT_RULES, EXPORT_COMBINATIONS, spelled)
+
+
 def run(
     weights: str | Path = ROOT / "runs/train/exp/weights/best.pt",
     imgsz: int | list[int] = (640, 640),
@@ -308,15 +340,10 @@ def run(
     data: str | Path | None = None,
 ) -> list[Path]:
     """Export ``weights`` to each format in ``include``; returns the written files."""
+    check_export_options(argparse.Namespace(**locals()))  # the arguments, checked as the command line's are
     t = time.time()
     include = [x.lower() for x in include]
-    if unknown := [x for x in include if x not in FORMATS]:
-        raise UserInputError(f"--include {' '.join(unknown)}: not supported here; choose from {', '.join(FORMATS)}")
     device = select_device(device)
-    if half and device.type == "cpu":
-        raise UserInputError("--half exports need a CUDA device (e.g. --device 0), not the CPU")
-    if half and dynamic:
-        raise UserInputError("--half and --dynamic cannot be combined: pick one of them")
     weights = Path(weights)
     model = load_folded(weights, device, data)
     imgsz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
@@ -344,7 +371,7 @@ def run(
 
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default=None,
                         help="data YAML supplying class names when the checkpoint has only placeholders")
     parser.add_argument("--weights", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
@@ -359,7 +386,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--simplify", action="store_true", help="ONNX: run onnxslim (or onnxsim) on the graph")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX: operator set version to target")
     parser.add_argument("--include", nargs="+", default=["torchscript"], help="formats to write: torchscript, onnx")
-    return parser.parse_args(argv)
+    return parser.parse_checked(argv, check_export_options)
 
 
 def main(opt: argparse.Namespace) -> list[Path]:

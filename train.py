@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,14 +37,19 @@ from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
     load_checkpoint, make_checkpoint, model_state, rng_state, save_checkpoint, set_rng_state, strip_optimizer,
 )
+from utils.autobatch import autobatch  # noqa: E402
 from utils.dataloaders import create_dataloader, epoch_seeds  # noqa: E402
-from utils.datasets_check import check_dataset  # noqa: E402
+from utils.datasets_check import data_yaml_file, check_dataset  # noqa: E402
 from utils.general import (  # noqa: E402
     LOCAL_RANK, LOGGER, RANK, ROOT, TQDM_BAR_FORMAT, WORLD_SIZE, UserInputError, check_img_size, colorstr,
-    increment_path, print_args, set_logging, yaml_load, yaml_save,
+    first_line, increment_path, print_args, set_logging, yaml_load, yaml_save,
 )
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
+from utils.options import (  # noqa: E402
+    Combination, OptionParser, between, check_options, device_spec, each, existing_file, found, fraction, not_empty,
+    one_of, suffix, whole,
+)
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.schedule import Schedule, scaled_weight_decay  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
@@ -114,6 +120,37 @@ def tensorboard_writer(save_dir: Path):
         return None
     LOGGER.info(f"TensorBoard: view this run with 'tensorboard --logdir {save_dir.parent}' at http://localhost:6006/")
     return SummaryWriter(str(save_dir))
+
+
+def tensorboard_graph(tb, model: nn.Module, imgsz: int, device: torch.device) -> None:
+    """The model's graph in TensorBoard, traced once in eval mode on a blank image; a model that cannot be traced
+    costs one warning."""
+    training, im = model.training, torch.zeros(1, 3, imgsz, imgsz, device=device)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings: shape checks become constants
+            # traced without the re-run check, which fails where the Detect head caches its grids on the first call
+            tb.add_graph(torch.jit.trace(model.eval(), im, strict=False, check_trace=False), im)
+    except Exception as e:  # tracing fails in many ways (unsupported ops, data-dependent control flow)
+        LOGGER.warning(f"WARNING TensorBoard: no model graph ({type(e).__name__}: {first_line(e)})")
+    finally:
+        model.train(training)
+
+
+TENSORBOARD_IMAGES = {  # section -> file patterns of a run's folder, logged as images when training ends
+    "Results": ("results.png", "confusion_matrix.png", "*_curve.png"),
+    "Validation": ("val_batch*_labels.jpg", "val_batch*_pred.jpg"),
+}
+
+
+def tensorboard_run_images(tb, save_dir: Path, step: int) -> None:
+    """The run's result plots, metric curves and validation mosaics, as TensorBoard images."""
+    from PIL import Image
+
+    for section, patterns in TENSORBOARD_IMAGES.items():
+        for file in sorted(f for pattern in patterns for f in save_dir.glob(pattern)):
+            with Image.open(file) as im:
+                tb.add_image(f"{section}/{file.stem}", np.asarray(im.convert("RGB")), step, dataformats="HWC")
 
 
 # ------------------------------------------------------------------------------------------------ setup parts
@@ -224,6 +261,7 @@ class Trainer:
         single_name = opt.single_cls and len(self.data["names"]) != 1
         self.names = {0: "item"} if single_name else self.data["names"]
         ckpt = self.setup_model(hyp)
+        self.resolve_batch_size()
         self.setup_optimization(hyp, ckpt)
         self.setup_data()
         self.setup_loss(hyp)
@@ -246,6 +284,15 @@ class Trainer:
         self.gs = max(int(self.model.stride.max()), 32)
         self.imgsz = check_img_size(opt.imgsz, self.gs, floor=self.gs * 2)
         return ckpt
+
+    def resolve_batch_size(self) -> None:
+        """--batch-size -1: AutoBatch's batch size (16 on the CPU), also written to opt.yaml and the checkpoints."""
+        if self.opt.batch_size != -1:
+            return
+        self.opt.batch_size = autobatch(self.model, self.imgsz, self.device)
+        if self.main:
+            saved = yaml_load(self.save_dir / "opt.yaml")
+            yaml_save(self.save_dir / "opt.yaml", {**saved, "batch_size": self.opt.batch_size})
 
     def setup_optimization(self, hyp: dict, ckpt: dict | None) -> None:
         """Optimizer (weight decay per step of ``batch_size * accumulation`` images), EMA, AMP scaler, early stopping,
@@ -338,6 +385,8 @@ class Trainer:
         self.forward = training_forward(self.model, getattr(self.opt, "compile", False))
         self.maps, self.results = np.zeros(self.nc), (0.0,) * 7
         self.tb = tensorboard_writer(self.save_dir) if self.main and not self.opt.evolve else None
+        if self.tb:
+            tensorboard_graph(self.tb, self.bare, self.imgsz, self.device)
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -389,7 +438,9 @@ class Trainer:
                 mean_loss += (items - mean_loss) / (i + 1)
                 self.show_progress(bar, epoch, mean_loss, targets, imgs)
                 if self.plots and ni < 3:
-                    plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg", self.names)
+                    mosaic = plot_images(imgs, targets, paths, self.save_dir / f"train_batch{ni}.jpg", self.names)
+                    if self.tb:
+                        self.tb.add_image(f"Mosaics/train_batch{ni}", mosaic, ni, dataformats="HWC")
         return mean_loss, [group["lr"] for group in self.optimizer.param_groups]
 
     def resample_images(self) -> None:
@@ -482,17 +533,18 @@ class Trainer:
                 strip_optimizer(path)
         if self.plots:
             plot_results(file=self.save_dir / "results.csv")
-        if self.tb:
-            self.tb.close()
         if not self.best.exists() or self.opt.evolve:
             LOGGER.info(f"Results saved to {colorstr('bold', self.save_dir)}")
-            return
-        LOGGER.info(f"\nEvaluating {self.best} ...")  # val.py ends with "Results saved to <save_dir>"
-        self.results, _, _ = validate.run(
-            self.data, weights=self.best, batch_size=self.opt.batch_size // WORLD_SIZE * 2, imgsz=self.imgsz,
-            iou_thres=0.6, single_cls=self.opt.single_cls, verbose=True, plots=self.plots,
-            project=self.save_dir.parent, name=self.save_dir.name, exist_ok=True,
-            device=str(self.device.index if self.cuda else "cpu"))
+        else:
+            LOGGER.info(f"\nEvaluating {self.best} ...")  # val.py ends with "Results saved to <save_dir>"
+            self.results, _, _ = validate.run(
+                self.data, weights=self.best, batch_size=self.opt.batch_size // WORLD_SIZE * 2, imgsz=self.imgsz,
+                iou_thres=0.6, single_cls=self.opt.single_cls, verbose=True, plots=self.plots,
+                project=self.save_dir.parent, name=self.save_dir.name, exist_ok=True,
+                device=str(self.device.index if self.cuda else "cpu"))
+        if self.tb:
+            tensorboard_run_images(self.tb, self.save_dir, epoch)
+            self.tb.close()
 
 
 def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
@@ -503,8 +555,9 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
 # ------------------------------------------------------------------------------------------------- command line
 
 
-def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_opt(argv: list[str] | None = None, check: bool = True) -> argparse.Namespace:
+    """The command line's options, checked (``check_train_options``) unless ``check`` is False."""
+    parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=str, default="", help="starting weights: our .pt or an upstream YOLOv5 .pt")
     parser.add_argument("--cfg", type=str, default="", help="model YAML: a path, or a file name in models/")
     parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="data YAML (path or name)")
@@ -555,7 +608,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                              "layout the README's speed section gives, with its reason)")
     parser.add_argument("--custom-l2", action="store_true",
                         help="RepVGG custom L2 on equivalent kernels instead of weight decay on RepVGG blocks")
-    return parser.parse_args(argv)
+    return parser.parse_checked(argv, check_train_options) if check else parser.parse_args(argv)
 
 
 def latest_run(search_dir: Path = ROOT / "runs") -> Path:
@@ -595,12 +648,57 @@ def find_hyp(path) -> Path:
     raise UserInputError(f"{path}: hyperparameter file not found")
 
 
+# ------------------------------------------------------------------------------------------------- option checks
+
+TRAIN_RULES = {  # flag -> rule; checked in this order, before anything is read or built
+    "--weights": suffix(".pt", what="a .pt checkpoint, or nothing to train from --cfg"),
+    "--cfg": found(find_model_yaml, "model YAML not found (a path, or a file name in models/)"),
+    "--data": found(data_yaml_file, "data YAML not found (a path, or a file name in data/)"),
+    "--hyp": found(find_hyp, "hyperparameter YAML not found (a path, or a file name in data/hyps/)"),
+    "--epochs": whole(1),
+    "--batch-size": whole(1, also=(-1,), hint=", or -1 for AutoBatch"),
+    "--imgsz": whole(1),
+    "--resume": existing_file,
+    "--evolve": whole(1, hint=" (generations)"),
+    "--cache": one_of("ram", "disk"),
+    "--device": device_spec,
+    "--workers": whole(0),
+    "--name": not_empty,
+    "--label-smoothing": fraction(open_high=True),
+    "--patience": whole(0, hint=" (0: never stop early)"),
+    "--freeze": each(whole(0)),
+    "--save-period": whole(1, also=(-1,), hint=", or -1 for none"),
+    "--seed": between(0, 2**31 - 1),
+    "--local_rank": whole(-1),
+}
+TRAIN_COMBINATIONS = (
+    Combination(("--cfg", "--weights"), lambda o: not (o.cfg or o.weights or o.resume),
+                "give a model: --cfg (a model YAML such as yolov5s.yaml) or --weights (a .pt checkpoint)"),
+    Combination(("--rect", "--image-weights"), lambda o: o.rect and o.image_weights,
+                "image weights draw images at random, rectangular batches need them in aspect-ratio order"),
+    Combination(("--save-period", "--nosave"), lambda o: o.nosave and o.save_period > 0,
+                "--nosave writes the final checkpoint only, so no epochN.pt would be kept"),
+    Combination(("--quad", "--batch-size"), lambda o: o.quad and 0 < o.batch_size < 4 * WORLD_SIZE,
+                "every 4 images of a batch become one, so a batch needs at least 4 images (per process)"),
+    Combination(("--device",), lambda o: LOCAL_RANK == -1 and "," in str(o.device),
+                lambda o: f"several devices need one process each; launch with torchrun --nproc_per_node "
+                          f"{len(str(o.device).split(','))} train.py --device {o.device} ..."),
+    Combination(("--batch-size",), lambda o: WORLD_SIZE > 1 and o.batch_size == -1,
+                "AutoBatch sizes a single process's batch; give DDP training a batch size"),
+    Combination(("--batch-size",), lambda o: WORLD_SIZE > 1 and o.batch_size % WORLD_SIZE != 0,
+                f"must be a multiple of the {WORLD_SIZE} DDP processes"),
+    Combination(("--evolve",), lambda o: WORLD_SIZE > 1 and bool(o.evolve), "not available with DDP training"),
+    Combination(("--image-weights",), lambda o: WORLD_SIZE > 1 and o.image_weights, "not available with DDP training"),
+)
+
+
+def check_train_options(opt: argparse.Namespace, spelled: dict[str, str] | None = None) -> None:
+    """TRAIN_RULES and TRAIN_COMBINATIONS; a failure raises UserInputError naming the flag."""
+    check_options(opt, TRAIN_RULES, TRAIN_COMBINATIONS, spelled)
+
+
 def init_distributed(opt: argparse.Namespace, device: torch.device) -> torch.device:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPU); returns this rank's device."""
-    if opt.evolve or opt.image_weights:
-        raise UserInputError("--evolve and --image-weights are not compatible with DDP training")
-    if opt.batch_size % WORLD_SIZE:
-        raise UserInputError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
     if device.type == "cuda":
         torch.cuda.set_device(LOCAL_RANK)
         device = torch.device("cuda", LOCAL_RANK)
@@ -622,15 +720,13 @@ def new_run_dir(opt: argparse.Namespace) -> str:
 
 
 def main(opt: argparse.Namespace) -> None:
+    check_train_options(opt)
     resuming = opt.resume and not opt.evolve
     if resuming:
         opt = prepare_resume(opt)
+        check_train_options(opt)  # the options restored from the checkpoint
     elif opt.cfg:
         opt.cfg = str(find_model_yaml(opt.cfg))
-    if LOCAL_RANK == -1 and "," in str(opt.device):
-        n = len(str(opt.device).split(","))
-        raise UserInputError(f"--device {opt.device}: several devices need one process each; launch with "
-                             f"torchrun --nproc_per_node {n} train.py --device {opt.device} ...")
     device = select_device(opt.device, batch_size=opt.batch_size)
     try:
         if LOCAL_RANK != -1:
@@ -652,7 +748,9 @@ def main(opt: argparse.Namespace) -> None:
 
 def run(**kwargs) -> argparse.Namespace:
     """Programmatic entry: train.run(data='shapes.yaml', cfg='yolov5n.yaml', imgsz=320, epochs=3)."""
-    opt = parse_opt([])
+    opt = parse_opt([], check=False)
+    if unknown := sorted(set(kwargs) - set(vars(opt))):
+        raise UserInputError(f"train.run: unknown option {unknown[0]!r}")
     for k, v in kwargs.items():
         setattr(opt, k, v)
     main(opt)

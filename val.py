@@ -23,15 +23,18 @@ from tqdm import tqdm
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: make the repository importable
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from models.backend import InferenceBackend, Stopwatch, mean_ms, speed_summary  # noqa: E402
+from models.backend import SUFFIXES, InferenceBackend, Stopwatch, mean_ms, speed_summary  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
-from utils.datasets_check import check_dataset  # noqa: E402
+from utils.datasets_check import data_yaml_file, check_dataset  # noqa: E402
 from utils.general import (  # noqa: E402
     ROOT, LOGGER, TQDM_BAR_FORMAT, UserInputError, check_img_size, colorstr, increment_path, run_cli,
 )
 from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
+from utils.options import (  # noqa: E402
+    Combination, OptionParser, check_options, device_spec, found, fraction, not_empty, on_cpu, one_of, suffix, whole,
+)
 from utils.plots import output_to_target, plot_images  # noqa: E402
 from utils.predictions import save_one_json, save_one_txt, write_and_score_json  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
@@ -282,8 +285,34 @@ def run(data: str | Path | dict, weights: str | Path | None = None, batch_size: 
     return result.results, result.maps, result.speeds
 
 
+VAL_RULES = {  # flag -> rule; checked in this order, before anything is loaded
+    "--data": found(data_yaml_file, "data YAML not found (a path, or a file name in data/)"),
+    "--weights": suffix(*SUFFIXES),
+    "--batch-size": whole(1),
+    "--imgsz": whole(1),
+    "--conf-thres": fraction(),
+    "--iou-thres": fraction(),
+    "--max-det": whole(1),
+    "--task": one_of("train", "val", "test", "speed"),
+    "--device": device_spec,
+    "--workers": whole(0),
+    "--name": not_empty,
+}
+VAL_COMBINATIONS = (
+    Combination(("--save-conf",), lambda o: o.save_conf and not (o.save_txt or o.save_hybrid),
+                "it adds a column to the --save-txt label files; pass --save-txt too"),
+    Combination(("--half", "--device"), lambda o: o.half and on_cpu(o.device),
+                "float16 inference needs a CUDA device (e.g. --device 0)"),
+)
+
+
+def check_val_options(opt: argparse.Namespace, spelled: dict[str, str] | None = None) -> None:
+    """VAL_RULES and VAL_COMBINATIONS; a failure raises UserInputError naming the flag."""
+    check_options(opt, VAL_RULES, VAL_COMBINATIONS, spelled)
+
+
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="data YAML (path or name)")
     parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
                         help="weights to evaluate: .pt, .torchscript or .onnx (several are evaluated in turn)")
@@ -308,12 +337,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
     parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
     parser.add_argument("--dnn", action="store_true", help="accepted for compatibility; ONNX runs in ONNX Runtime")
-    return parser.parse_args(argv)
+    return parser.parse_checked(argv, check_val_options)
 
 
 def main(opt: argparse.Namespace) -> None:
-    if opt.task not in ("train", "val", "test", "speed"):
-        raise UserInputError(f"--task {opt.task}: expected train, val, test or speed")
     weights = opt.weights if isinstance(opt.weights, list) else [opt.weights]
     if opt.task != "speed" and opt.conf_thres > 0.001:
         LOGGER.info(f"WARNING --conf-thres {opt.conf_thres} is above 0.001: mAP will read lower than it is")

@@ -3,8 +3,9 @@
 - ``InferenceBackend``: weights file -> decoded predictions (b, n, 5 + nc) in input pixels (val.py, detect.py).
 - ``AutoShape``: the torch.hub wrapper: file paths, PIL images, numpy arrays (RGB) or lists of them in,
   letterbox, model, NMS, boxes scaled back to each original image, ``Detections`` out.
-- ``Detections``: results with ``print()``, ``save()``, ``render()``, ``pandas()``, ``tolist()`` and the boxes as
-  ``xyxy``, ``xywh``, ``xyxyn``, ``xywhn`` (per image tensors, rows ``[box, conf, class]``).
+- ``Detections``: results with ``print()``, ``show()``, ``save()``, ``crop()``, ``render()``, ``pandas()``,
+  ``tolist()`` and the boxes as ``xyxy``, ``xywh``, ``xyxyn``, ``xywhn`` (per image tensors, rows
+  ``[box, conf, class]``).
 
 Exported files carry ``stride`` and ``names`` (and the traced input ``shape``) as JSON: ONNX in the
 ``metadata`` entry of its metadata_props, TorchScript in the ``config.txt`` extra file (see export.py).
@@ -15,7 +16,9 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import os
 import re
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -32,7 +35,7 @@ from models.loading import load_model
 from utils.checkpoint import CheckpointError
 from utils.general import LOGGER, ROOT, UserInputError, increment_path, is_url, make_divisible, yaml_load
 from utils.nms import non_max_suppression
-from utils.plots import Annotator, colors
+from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import convs_channels_last, time_sync
 
 SUFFIXES = (".pt", ".torchscript", ".onnx")
@@ -336,6 +339,21 @@ def normalised(det: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return det / divisor
 
 
+def viewer_available() -> bool:
+    """Whether an image viewer can open a window: on Linux only with an X11 or Wayland display."""
+    return not sys.platform.startswith("linux") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel (images are then shown inline)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
+
+
 class Detections:
     """Detections on a batch of images: per image a tensor (n, 6) of [box, confidence, class] rows.
 
@@ -384,6 +402,46 @@ class Detections:
             cls = int(row[5])
             canvas.box_label(row[:4], f"{self.names[cls]} {row[4]:.2f}" if labels else "", color=colors(cls))
         return canvas.result()
+
+    def show(self, labels: bool = True) -> None:
+        """Show the annotated images: inline in a notebook, else in the system's image viewer (PIL's
+        ``Image.show``); where no window can open (no display), one warning instead."""
+        notebook = in_notebook()
+        if not notebook and not viewer_available():
+            LOGGER.warning("WARNING Detections.show(): no display available (no $DISPLAY); use save() instead")
+            return
+        pictures = [Image.fromarray(picture) for picture in self.render(labels)]
+        if notebook:
+            from IPython.display import display
+
+            for picture in pictures:
+                display(picture)
+            return
+        for name, picture in zip(self.files, pictures):
+            try:
+                picture.show(title=name)
+            except OSError as e:  # a viewer that fails to start
+                LOGGER.warning(f"WARNING Detections.show(): {name} not shown: {e}")
+                return
+
+    def crop(self, save: bool = True, save_dir: str | Path = "runs/detect/exp", exist_ok: bool = False) -> list[dict]:
+        """The region around every detection, image by image: dicts with ``box`` (xyxy), ``conf``, ``cls`` (tensors),
+        ``label`` ('name 0.87') and ``im``, the RGB crop, cut as detect.py --save-crop cuts it. With ``save`` each
+        crop is also written to save_dir/crops/<class>/<image>.jpg (numbered when taken; save_dir itself is
+        incremented unless ``exist_ok``)."""
+        folder = increment_path(save_dir, exist_ok=exist_ok, mkdir=True) if save else Path(save_dir)
+        crops = []
+        for im, det, name in zip(self.ims, self.pred, self.files):
+            bgr = np.ascontiguousarray(im[..., ::-1])
+            for row in det:
+                box, conf, cls = row[:4], row[4], row[5]
+                file = folder / "crops" / self.names[int(cls)] / f"{Path(name).stem}.jpg"
+                crop = save_one_box(box.tolist(), bgr, file, save=save)
+                crops.append({"box": box, "conf": conf, "cls": cls, "im": np.ascontiguousarray(crop[..., ::-1]),
+                              "label": f"{self.names[int(cls)]} {float(conf):.2f}"})
+        if save:
+            LOGGER.info(f"Saved {len(crops)} crop{'s' * (len(crops) != 1)} to {folder / 'crops'}")
+        return crops
 
     def save(self, labels: bool = True, save_dir: str | Path = "runs/detect/exp", exist_ok: bool = False) -> Path:
         """Write the annotated images to ``save_dir`` (incremented unless ``exist_ok``); returns the folder."""

@@ -108,9 +108,14 @@ def log(caplog, monkeypatch):
 
 
 def test_scan_counts_and_label_checks(odd_dataset: Path, log):
+    log.set_level("INFO", logger=LOGGER.name)
     ds = _dataset(odd_dataset, nc=3)
     cache = json.loads((odd_dataset.parents[1] / "labels" / "train.cache").read_text(encoding="utf-8"))
     assert cache["counts"] == {"found": 10, "missing": 1, "empty": 1, "corrupt": 4}
+    assert cache["reasons"] == {"corrupt image": 4, "rows rejected": 1, "duplicate rows removed": 1,
+                                "converted to 8-bit colour": 3}  # gray, rgba and deep16
+    assert "Scan summary: left out: corrupt image 4; labels repaired: rows rejected 1, duplicate rows removed 1, " \
+           "class ids >= nc dropped 1; converted to 8-bit colour: 3" in log.text
     assert len(ds) == 11 and len(ds.labels) == len(ds.shapes) == len(ds.label_files) == 11
     names = {Path(f).name for f in ds.im_files}
     assert not names & {"truncated.jpg", "zero.jpg", "garbage.png", "tiny.png"}
@@ -166,7 +171,7 @@ def test_label_cache_reused_and_invalidated(odd_dataset: Path, monkeypatch):
     cache_file.write_bytes(b"\x80\x04garbage")  # e.g. a pickle: never unpickled, just rebuilt
     _dataset(odd_dataset)
     assert scans == [1, 1, 1]
-    assert json.loads(cache_file.read_text(encoding="utf-8"))["version"] == 1
+    assert json.loads(cache_file.read_text(encoding="utf-8"))["version"] == dl.CACHE_VERSION
 
 
 def test_label_paths_follow_the_images_to_labels_rule():

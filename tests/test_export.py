@@ -194,7 +194,7 @@ def test_export_rejects_bad_requests(tmp_path: Path, checkpoint):
     path, _ = checkpoint
     with pytest.raises(UserInputError, match="--include openvino: not supported"):
         export.run(weights=path, include=["openvino"])
-    with pytest.raises(UserInputError, match="--half exports need a CUDA device"):
+    with pytest.raises(UserInputError, match="--half with --device cpu: float16 exports need a CUDA device"):
         export.run(weights=path, include=["onnx"], half=True, device="cpu")
     with pytest.raises(UserInputError, match="file not found"):
         export.run(weights=tmp_path / "missing.pt", include=["onnx"])

@@ -46,7 +46,11 @@ LABEL_PROBLEMS = {  # label file stem -> (its rows after one good row, what the 
 }
 CORRUPT = ("zero.jpg", "garbage.jpg", "train_00001.jpg", "truncated.png")
 ODD_BUT_VALID = ("gray.png", "rgba.png", "deep16.png", "huge.jpg", "bild ü 1.jpg")
-SUMMARY = "16 images (2 without boxes), 4 corrupt"  # 20 files: 4 corrupt; of 16 usable, 1 without, 1 with empty labels
+LABEL_DIRECTORY = "folder label"  # an image whose label path labels/<stem>.txt is a directory
+SUMMARY = "16 images (2 without boxes), 5 corrupt"  # 21 files: 4 corrupt, 1 label directory; of 16 usable, 1 without,
+# 1 with empty labels
+REASONS = ("Scan summary: left out: corrupt image 4, label path is a directory 1; labels repaired: rows rejected 4, "
+           "duplicate rows removed 1, class ids >= nc dropped 1; converted to 8-bit colour: 3")
 
 
 def run(*args, timeout: int = 300) -> SimpleNamespace:
@@ -101,6 +105,8 @@ def hostile(tmp_path_factory) -> SimpleNamespace:
     for stem, (rows, _) in LABEL_PROBLEMS.items():
         (labels / f"{stem}.txt").write_text(BOX + rows)
     (labels / "train_00010.txt").write_text("")
+    shutil.copy(images / "train_00003.jpg", images / f"{LABEL_DIRECTORY}.jpg")
+    (labels / f"{LABEL_DIRECTORY}.txt").mkdir()
     (labels / "train_00011.txt").unlink()
     return SimpleNamespace(root=root, images=images, yaml=write_data_yaml(base / "hostile ü.yaml", root))
 
@@ -137,6 +143,9 @@ def test_train_skips_broken_images_and_label_rows_one_line_each(trained):
         assert len(lines) == 1 and all(r in lines[0] for r in reasons), (stem, lines)
     for name in ODD_BUT_VALID:  # grayscale, RGBA, 16-bit, 6000x4000 and a non-ASCII name are all fine
         assert not lines_naming(trained.stdout, name), name
+    lines = lines_naming(trained.stdout, f"{LABEL_DIRECTORY}.txt")  # named like a bad label file
+    assert len(lines) == 1 and "is a directory, not a label file; image left out" in lines[0], lines
+    assert f"train: {REASONS}" in trained.stdout  # every skipped or repaired file counted under its reason
     assert Path(trained.best).is_file()  # the epoch ran to its end and saved a checkpoint
 
 

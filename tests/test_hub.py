@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -20,6 +21,7 @@ from utils.boxes import xyxy2xywh
 from models.loading import build_model
 from utils.checkpoint import load_checkpoint
 from utils.general import LOGGER, UserInputError
+from utils.plots import crop_region
 
 IMAGES = [str(p) for p in sorted((ROOT / "data/images").glob("*.jpg"))]
 SIZE = 320
@@ -70,6 +72,35 @@ def test_detections_api(results: Detections, tmp_path: Path):
     saved = results.save(save_dir=tmp_path / "exp")
     assert sorted(p.name for p in saved.iterdir()) == ["shapes1.jpg", "shapes2.jpg"]
     assert cv2.imread(str(saved / "shapes1.jpg")).shape == (320, 320, 3)
+
+
+def test_detections_crop_and_show(results: Detections, tmp_path: Path, monkeypatch, caplog):
+    crops = results.crop(save_dir=tmp_path / "exp")
+    assert len(crops) == sum(len(d) for d in results.xyxy) > 0
+    first = crops[0]
+    assert set(first) == {"box", "conf", "cls", "label", "im"}
+    torch.testing.assert_close(torch.cat((first["box"], first["conf"][None], first["cls"][None])), results.xyxy[0][0])
+    assert first["label"] == f"{results.names[int(first['cls'])]} {float(first['conf']):.2f}"
+    rows, columns = crop_region(first["box"].tolist(), results.ims[0].shape[:2])  # what detect.py --save-crop cuts
+    np.testing.assert_array_equal(first["im"], results.ims[0][rows, columns])  # RGB, like results.ims
+    saved = sorted((tmp_path / "exp" / "crops").rglob("*.jpg"))
+    assert Counter(p.parent.name for p in saved) == Counter(results.names[int(c["cls"])] for c in crops)
+    assert len(results.crop(save=False, save_dir=tmp_path / "unsaved")) == len(crops)
+    assert not (tmp_path / "unsaved").exists()
+
+    shown = []
+    monkeypatch.setattr(Image.Image, "show", lambda im, title=None: shown.append((title, im.size)))
+    for variable in ("DISPLAY", "WAYLAND_DISPLAY"):
+        monkeypatch.delenv(variable, raising=False)
+    LOGGER.addHandler(caplog.handler)  # the yolov5 logger does not propagate to the root logger
+    try:
+        results.show()  # no display: one warning, no window, no exception
+    finally:
+        LOGGER.removeHandler(caplog.handler)
+    assert not shown and "no display available" in caplog.text
+    monkeypatch.setenv("DISPLAY", ":0")
+    results.show()
+    assert shown == [(name, (SIZE, SIZE)) for name in results.files]
 
 
 def test_input_forms_give_the_same_boxes(model: AutoShape, results: Detections):

@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn as nn
 import yaml
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import val as validate
 from models.common import BatchNorm2d
@@ -81,7 +83,12 @@ def test_train_and_val_scripts_one_epoch(tiny_data, tmp_path):
     for name in ("weights/best.pt", "weights/last.pt", "results.csv", "results.png", "hyp.yaml", "opt.yaml",
                  "labels.jpg", "train_batch0.jpg", "confusion_matrix.png", "val_batch0_pred.jpg"):
         assert (run / name).is_file(), name
-    assert list(run.glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()  # TensorBoard's own reader
+    assert events.Graph() is not None  # the model graph
+    curves = {f"Results/{f.stem}" for f in run.glob("*_curve.png")}  # drawn once some prediction is right
+    assert {"Mosaics/train_batch0", "Validation/val_batch0_pred", "Results/results", *curves} <= \
+        set(events.Tags()["images"]), events.Tags()["images"]
+    assert "metrics/mAP_0.5" in events.Tags()["scalars"]
     header = next(csv.reader(open(run / "results.csv")))
     assert [h.strip() for h in header][:8] == ["epoch", "train/box_loss", "train/obj_loss", "train/cls_loss",
                                                "metrics/precision", "metrics/recall", "metrics/mAP_0.5",
@@ -94,6 +101,32 @@ def test_train_and_val_scripts_one_epoch(tiny_data, tmp_path):
                      "--project", str(tmp_path), "--name", "val", "--save-txt", "--save-json", "--verbose")
     assert re.search(r"^\s+all\s+4\s+\d+", out, re.M)
     assert (tmp_path / "val" / "best_predictions.json").is_file()
+
+
+def test_tensorboard_images_and_graph_failure(tmp_path, caplog):
+    """The run's curves and mosaics become TensorBoard images; a model that cannot be traced costs one warning."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    import train
+
+    for name in ("PR_curve.png", "F1_curve.png", "results.png", "val_batch0_pred.jpg", "notes.png"):
+        Image.new("RGB", (32, 24), (200, 30, 30)).save(tmp_path / name)
+
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("cannot trace this")
+
+    writer = SummaryWriter(str(tmp_path))
+    with caplog.at_level("WARNING", logger="yolov5"):
+        train.tensorboard_graph(writer, Untraceable(), 32, torch.device("cpu"))
+        train.tensorboard_run_images(writer, tmp_path, 3)
+    writer.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "WARNING TensorBoard: no model graph (RuntimeError: cannot trace this)"]
+    events = EventAccumulator(str(tmp_path), size_guidance={"images": 0}).Reload()
+    assert set(events.Tags()["images"]) == {"Results/PR_curve", "Results/F1_curve", "Results/results",
+                                            "Validation/val_batch0_pred"}
+    assert events.Images("Results/PR_curve")[0].step == 3 and not events.Tags()["graph"]
 
 
 def test_val_reproduces_upstream_figures_on_bccd():

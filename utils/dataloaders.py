@@ -25,6 +25,7 @@ import math
 import os
 import random
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -61,12 +62,21 @@ from utils.general import LOGGER, TQDM_BAR_FORMAT, UserInputError, is_url
 
 IMG_FORMATS = ("bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm")
 VID_FORMATS = ("asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the scan counts each skipped or repaired file under a reason
 NUM_THREADS = min(8, max(1, (os.cpu_count() or 1)))
 EXIF_ORIENTATION = 0x0112
 MAX_CLASS_ID = 2**24  # larger ids are not exact in the float32 label arrays
 # OpenCV's decoder warnings ("PNG input buffer is incomplete") would duplicate our one line per unreadable file
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+# Why the scan left an image out, repaired its labels, or converted its pixels; counted in the scan summary
+CORRUPT_IMAGE, UNREADABLE_LABELS = "corrupt image", "unreadable label file"
+LABEL_DIRECTORY = "label path is a directory"
+ROWS_REJECTED, DUPLICATES, UNKNOWN_CLASSES = "rows rejected", "duplicate rows removed", "class ids >= nc dropped"
+CONVERTED = "converted to 8-bit colour"
+LEFT_OUT = (CORRUPT_IMAGE, UNREADABLE_LABELS, LABEL_DIRECTORY)
+REPAIRED = (ROWS_REJECTED, DUPLICATES, UNKNOWN_CLASSES)
 
 
 class DatasetError(UserInputError):
@@ -144,14 +154,22 @@ def _jpeg_is_complete(path: str) -> bool:
         return f.read().rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
-def verify_image(im_file: str) -> tuple[int, int]:
-    """Check that ``im_file`` is a complete, supported image of at least 10x10 pixels; return its (w, h)."""
+def _is_8bit_rgb(im: Image.Image) -> bool:
+    """Whether an opened image decodes straight to 8-bit colour (not grayscale, alpha, a palette or 16-bit)."""
+    raw_modes = [str(getattr(tile, "args", None) or tile[3]) for tile in getattr(im, "tile", None) or []]
+    return im.mode in ("RGB", "YCbCr") and not any(";16" in mode for mode in raw_modes)
+
+
+def verify_image(im_file: str) -> tuple[tuple[int, int], bool]:
+    """Check that ``im_file`` is a complete, supported image of at least 10x10 pixels; return its (w, h) and
+    whether decoding converts it to 8-bit colour."""
     if os.path.getsize(im_file) == 0:
         raise ValueError("empty file")
     with Image.open(im_file) as im:
         im.verify()  # header and structure; invalidates ``im`` for pixel access
         fmt = (im.format or "").lower()
     with Image.open(im_file) as im:
+        converted = not _is_8bit_rgb(im)  # before exif_size, which may decode the image (and drop its tiles)
         shape = exif_size(im)
     if fmt not in IMG_FORMATS:
         raise ValueError(f"unsupported image format {fmt!r}")
@@ -159,7 +177,7 @@ def verify_image(im_file: str) -> tuple[int, int]:
         raise ValueError(f"image size {shape} < 10 pixels")
     if fmt in ("jpeg", "jpg", "mpo") and not _jpeg_is_complete(im_file):
         raise ValueError("truncated JPEG (no end-of-image marker)")
-    return shape
+    return shape, converted
 
 
 def _parse_row(fields: list[str]) -> tuple[list[float] | None, str]:
@@ -209,25 +227,38 @@ class ScanResult(NamedTuple):
     missing: int = 0
     found: int = 0
     empty: int = 0
-    corrupt: int = 0
+    corrupt: int = 0  # the image is left out (a broken image, or a label path that cannot be read)
     message: str = ""
+    reasons: tuple[str, ...] = ()  # what was wrong or repaired: LEFT_OUT, REPAIRED or CONVERTED entries
+
+
+def _left_out(reason: str, message: str) -> ScanResult:
+    return ScanResult(None, None, corrupt=1, message=message, reasons=(reason,))
 
 
 def verify_image_label(im_file: str, lb_file: str, prefix: str = "") -> ScanResult:
     """Check an image and parse its label file; a missing label file makes a background image."""
     try:
-        shape = verify_image(im_file)
+        shape, converted = verify_image(im_file)
     except Exception as e:  # PIL raises many exception types for broken files
-        return ScanResult(None, None, corrupt=1, message=f"{prefix}WARNING {im_file}: ignoring corrupt image: {e}")
+        return _left_out(CORRUPT_IMAGE, f"{prefix}WARNING {im_file}: ignoring corrupt image: {e}")
+    if os.path.isdir(lb_file):
+        return _left_out(LABEL_DIRECTORY, f"{prefix}WARNING {lb_file}: is a directory, not a label file; "
+                                          "image left out")
+    conversion = (CONVERTED,) if converted else ()
     if not os.path.isfile(lb_file):
-        return ScanResult(np.zeros((0, 5), np.float32), shape, missing=1)
+        return ScanResult(np.zeros((0, 5), np.float32), shape, missing=1, reasons=conversion)
     try:
         text = Path(lb_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        return ScanResult(None, None, corrupt=1, message=f"{prefix}WARNING {lb_file}: unreadable label file: {e}")
+        return _left_out(UNREADABLE_LABELS, f"{prefix}WARNING {lb_file}: unreadable label file: {e}; image left out")
     labels, problems = parse_labels(text)
     message = f"{prefix}WARNING {lb_file}: {'; '.join(problems)}" if problems else ""
-    return ScanResult(labels, shape, found=1, empty=int(len(labels) == 0), message=message)
+    repairs = tuple(r for r, found in ((ROWS_REJECTED, any(" ignored: " in p for p in problems)),
+                                       (DUPLICATES, any(p.endswith("duplicate labels removed") for p in problems)))
+                    if found)
+    return ScanResult(labels, shape, found=1, empty=int(len(labels) == 0), message=message,
+                      reasons=repairs + conversion)
 
 
 # -------------------------------------------------------------------------------------------------- label cache
@@ -271,7 +302,7 @@ def save_label_cache(path: Path, cache: dict, prefix: str = "") -> None:
 def scan_labels(im_files: list[str], label_files: list[str], desc: str, prefix: str = "") -> dict:
     """Verify every image/label pair (threaded, with a progress bar) into a cache dict (without its hash)."""
     counts = dict(found=0, missing=0, empty=0, corrupt=0)
-    images, msgs = {}, []
+    images, msgs, reasons = {}, [], Counter()
     with ThreadPool(NUM_THREADS) as pool:
         results = pool.imap(lambda pair: verify_image_label(*pair, prefix), zip(im_files, label_files))
         with tqdm(total=len(im_files), desc=desc, bar_format=TQDM_BAR_FORMAT) as bar:
@@ -282,9 +313,10 @@ def scan_labels(im_files: list[str], label_files: list[str], desc: str, prefix: 
                     images[im_file] = {"shape": list(result.shape), "labels": result.labels.tolist()}
                 if result.message:
                     msgs.append(result.message)
+                reasons.update(result.reasons)
                 bar.set_description_str(f"{desc} {_summary(counts)}", refresh=False)
                 bar.update()
-    return {"version": CACHE_VERSION, "counts": counts, "msgs": msgs, "images": images}
+    return {"version": CACHE_VERSION, "counts": counts, "reasons": dict(reasons), "msgs": msgs, "images": images}
 
 
 def _summary(counts: dict) -> str:
@@ -292,6 +324,17 @@ def _summary(counts: dict) -> str:
     image, a corrupt image or unreadable label file leaves the image out."""
     usable, background = counts["found"] + counts["missing"], counts["missing"] + counts["empty"]
     return f"{usable} images ({background} without boxes), {counts['corrupt']} corrupt"
+
+
+def reasons_summary(reasons: dict) -> str:
+    """'left out: corrupt image 4, ...; labels repaired: rows rejected 2, ...; converted to 8-bit colour: 3' for the
+    reasons with a count (files per reason; a label file can be repaired for two reasons)."""
+    groups = (("left out", LEFT_OUT), ("labels repaired", REPAIRED))
+    parts = [f"{title}: " + ", ".join(f"{r} {reasons[r]}" for r in names if reasons.get(r))
+             for title, names in groups if any(reasons.get(r) for r in names)]
+    if reasons.get(CONVERTED):
+        parts.append(f"{CONVERTED}: {reasons[CONVERTED]}")
+    return "; ".join(parts)
 
 
 def cache_path_for(path: str | Path | list, label_files: list[str]) -> Path:
@@ -342,7 +385,10 @@ class LoadImagesAndLabels(Dataset):
         self.im_files = find_image_files(path, prefix)
         self.label_files = img2label_paths(self.im_files)
         cache = self._label_cache(cache_path_for(path, self.label_files), prefix, verbose=rank in (-1, 0))
-        self._set_labels(cache["images"], prefix, nc, single_cls, min_items)
+        reasons = Counter(cache["reasons"])
+        reasons[UNKNOWN_CLASSES] += self._set_labels(cache["images"], prefix, nc, single_cls, min_items)
+        if rank in (-1, 0) and (summary := reasons_summary(reasons)):
+            LOGGER.info(f"{prefix}Scan summary: {summary}")
 
         self.n = len(self.im_files)
         self.batch = np.arange(self.n) // batch_size  # batch number of each image (in rect order)
@@ -378,16 +424,19 @@ class LoadImagesAndLabels(Dataset):
             LOGGER.warning(f"{prefix}WARNING no labels found in {cache_path}")
         return cache
 
-    def _set_labels(self, images: dict, prefix: str, nc: int | None, single_cls: bool, min_items: int) -> None:
-        """Fill ``im_files``, ``label_files``, ``labels`` and ``shapes`` from the scanned (valid) images."""
+    def _set_labels(self, images: dict, prefix: str, nc: int | None, single_cls: bool, min_items: int) -> int:
+        """Fill ``im_files``, ``label_files``, ``labels`` and ``shapes`` from the scanned (valid) images; returns
+        how many label files had rows of classes >= ``nc`` (dropped)."""
         self.im_files = [f for f in self.im_files if f in images]
         if not self.im_files:
             raise DatasetError(f"{prefix}no usable images in {self.path} (all corrupt)")
         self.label_files = img2label_paths(self.im_files)
         self.labels = [np.array(images[f]["labels"], dtype=np.float32).reshape(-1, 5) for f in self.im_files]
         self.shapes = np.array([images[f]["shape"] for f in self.im_files], dtype=np.int64)  # (w, h)
+        before = [len(lb) for lb in self.labels]
         if nc is not None:
             self.labels = [_drop_unknown_classes(lb, nc, f, prefix) for lb, f in zip(self.labels, self.label_files)]
+        unknown_class_files = sum(len(lb) < n for lb, n in zip(self.labels, before))
         if single_cls:
             for lb in self.labels:
                 lb[:, 0] = 0
@@ -398,6 +447,7 @@ class LoadImagesAndLabels(Dataset):
             self._select(np.flatnonzero(counts >= min_items))
             LOGGER.info(f"{prefix}--min-items {min_items}: left out {int((counts < min_items).sum())} of "
                         f"{len(counts)} images with fewer labels")
+        return unknown_class_files
 
     def _select(self, order: np.ndarray) -> None:
         """Keep and reorder the per-image lists to ``order`` (indices into them)."""

@@ -40,7 +40,7 @@ class DataConfigError(UserInputError):
     """A data YAML is missing, malformed, or points at missing data; the message names the file and key."""
 
 
-def _yaml_file(data: str | Path) -> Path:
+def data_yaml_file(data: str | Path) -> Path:
     """The data YAML as given, else under the repository root or its data/ folder."""
     for candidate in (Path(data), ROOT / data, ROOT / "data" / data):
         if candidate.is_file():
@@ -165,7 +165,7 @@ def check_dataset(data: str | Path | dict) -> dict:
     if isinstance(data, dict):
         cfg, src = dict(data), str(data.get("yaml_file", "<data dict>"))
     else:
-        yaml_file = _yaml_file(data)
+        yaml_file = data_yaml_file(data)
         try:
             cfg, src = yaml_load(yaml_file), str(yaml_file)
         except UserInputError as e:

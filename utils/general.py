@@ -42,11 +42,12 @@ def first_line(error: BaseException) -> str:
 
 
 def run_cli(main, parse_opt, name: str, errors: tuple = ()) -> None:
-    """Entry point of a script: logging, the argument echo, and user errors as one ERROR line with exit code 2."""
+    """Entry point of a script: logging, the argument echo, and user errors (a bad option included) as one ERROR
+    line with exit code 2."""
     set_logging()
-    options = parse_opt()
-    print_args(vars(options), name)
     try:
+        options = parse_opt()
+        print_args(vars(options), name)
         main(options)
     except (UserInputError, *errors) as e:
         LOGGER.error(f"ERROR: {e}")

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from utils.boxes import xywh2xyxy, xyxy2xywh
+from utils.general import increment_path
 
 LOGGER = logging.getLogger("yolov5")
 
@@ -122,6 +123,44 @@ class Annotator:
         return np.asarray(self.im)
 
 
+def imwrite(path: str | Path, im: np.ndarray) -> None:
+    """cv2.imwrite that also works for non-ASCII paths."""
+    ok, buffer = cv2.imencode(Path(path).suffix or ".jpg", im)
+    if not ok:
+        raise OSError(f"could not encode image {path}")
+    buffer.tofile(str(path))
+
+
+def crop_region(xyxy, image_hw: tuple[int, int], gain: float = 1.02, pad: int = 10,
+                square: bool = False) -> tuple[slice, slice]:
+    """(rows, columns) slices of the region around box ``xyxy``: each side scaled by ``gain`` and grown by
+    ``pad`` pixels about the box centre (both sides equal to the longer one first when ``square``), then
+    limited to an image of size ``image_hw``; the edges are truncated to whole pixels."""
+    corners = np.asarray(xyxy, dtype=np.float64).reshape(2, 2)  # [[x1, y1], [x2, y2]]
+    centre, extent = corners.mean(0), corners[1] - corners[0]
+    if square:
+        extent = np.full(2, extent.max())
+    half = (extent * gain + pad) / 2
+    limits = np.asarray(image_hw[1::-1], dtype=np.float64)  # (width, height)
+    (left, top), (right, bottom) = (np.clip(centre + sign * half, 0, limits).astype(int) for sign in (-1, 1))
+    return slice(top, bottom), slice(left, right)
+
+
+def save_one_box(xyxy, im: np.ndarray, file: Path, gain: float = 1.02, pad: int = 10, square: bool = False,
+                 save: bool = True) -> np.ndarray:
+    """The part of BGR image ``im`` around box ``xyxy`` (see ``crop_region``).
+
+    With ``save`` the crop is also written as a JPEG at ``file``, numbered when that name is taken (x.jpg, x2.jpg, ...).
+    """
+    rows, columns = crop_region(xyxy, im.shape[:2], gain, pad, square)
+    crop = im[rows, columns]
+    if save:
+        target = increment_path(Path(file).with_suffix(".jpg"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        imwrite(target, crop)
+    return crop
+
+
 def output_to_target(output: list[torch.Tensor], max_det: int = 300) -> np.ndarray:
     """NMS output (per image (n, 6) [xyxy, conf, cls]) -> plot_images targets (k, 7) [image, cls, xywh, conf]."""
     kept = [det[:max_det, :6].detach().float().cpu() for det in output]
@@ -177,8 +216,9 @@ def _shrink_to_fit(mosaic: np.ndarray, grid: int, tile: tuple[int, int], max_siz
 
 
 def plot_images(images, targets, paths=None, fname: str | Path = "images.jpg", names=None,
-                max_size: int = 1920, max_subplots: int = 16) -> None:
-    """Save a mosaic of a batch with its boxes: ``targets`` (n, 6) labels or (n, 7) predictions.
+                max_size: int = 1920, max_subplots: int = 16) -> np.ndarray:
+    """Save a mosaic of a batch with its boxes: ``targets`` (n, 6) labels or (n, 7) predictions; returns the
+    mosaic (RGB, HWC).
 
     Target rows are [image index, cls, x, y, w, h(, conf)], xywh normalised or in pixels; predictions
     are drawn when conf > 0.25. Images fill the grid column by column; the mosaic's longer side is
@@ -202,6 +242,7 @@ def plot_images(images, targets, paths=None, fname: str | Path = "images.jpg", n
         _draw_targets(canvas, targets, _mosaic_boxes(targets, origins, tile, scale), names)
     Path(fname).parent.mkdir(parents=True, exist_ok=True)
     canvas.im.save(fname)
+    return np.asarray(canvas.im)
 
 
 def _draw_targets(annotator: Annotator, targets: np.ndarray, boxes: np.ndarray, names) -> None:
