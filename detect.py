@@ -36,6 +36,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: mak
 
 from models.backend import SUFFIXES, InferenceBackend, Stopwatch, class_counts, mean_ms, speed_summary  # noqa: E402
 from utils.boxes import scale_boxes  # noqa: E402
+from utils.checkpoint import fill_weights, newest_best  # noqa: E402
 from utils.dataloaders import LoadImages, LoadStreams, is_stream_source  # noqa: E402
 from utils.datasets_check import data_yaml_file  # noqa: E402
 from utils.general import (  # noqa: E402
@@ -238,7 +239,7 @@ def detect_source(dataset: LoadImages | LoadStreams, model: InferenceBackend, sa
 
 @torch.no_grad()
 def run(
-    weights: str | Path | list = ROOT / "runs/train/exp/weights/best.pt",
+    weights: str | Path | list | None = None,
     source: str | Path = ROOT / "data/images",
     data: str | Path = ROOT / "data/shapes.yaml",
     imgsz: tuple[int, int] | list[int] = (640, 640),
@@ -268,7 +269,7 @@ def run(
 ) -> Path:
     """Detect objects in ``source`` and save the results; returns the output folder."""
     device = select_device(device)
-    model = load_backend(weights, device, half, dnn, data)
+    model = load_backend(weights or newest_best(), device, half, dnn, data)
     imgsz = inference_size(model, list(imgsz))
     augment, visualize, view_img = supported_options(model, augment, visualize, view_img)
     dataset = open_source(str(source), imgsz, model, vid_stride)
@@ -334,8 +335,9 @@ def check_detect_options(opt: argparse.Namespace, spelled: dict[str, str] | None
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
-                        help="the model file: a .pt checkpoint, or a .torchscript/.onnx export")
+    parser.add_argument("--weights", nargs="+", type=str, default=None,
+                        help="the model file: a .pt checkpoint, or a .torchscript/.onnx export (default: the newest "
+                             "runs/train/*/weights/best.pt)")
     parser.add_argument("--source", type=str, default=ROOT / "data/images",
                         help="what to run on: an image, video, folder, glob, .txt list, stream URL, or 0 (webcam)")
     parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml",
@@ -366,7 +368,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--half", action="store_true", help="run in float16 (CUDA only)")
     parser.add_argument("--dnn", action="store_true", help="run .onnx files with OpenCV DNN, not ONNX Runtime")
     parser.add_argument("--vid-stride", type=int, default=1, help="use every n-th frame of videos and streams")
-    opt = parser.parse_checked(argv, check_detect_options)
+    opt = parser.parse_checked(argv, check_detect_options, fill=fill_weights)
     opt.imgsz *= 2 if len(opt.imgsz) == 1 else 1
     return opt
 

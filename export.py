@@ -41,7 +41,7 @@ from models.backend import (  # noqa: E402
     ONNX_METADATA_KEY, TORCHSCRIPT_METADATA_FILE, InferenceBackend, names_from_data,
 )
 from models.loading import load_model  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.checkpoint import CheckpointError, fill_weights, newest_best  # noqa: E402
 from utils.datasets_check import data_yaml_file  # noqa: E402
 from utils.general import ROOT, LOGGER, UserInputError, check_img_size, colorstr, run_cli  # noqa: E402
 from utils.options import (  # noqa: E402
@@ -327,7 +327,7 @@ def check_export_options(opt: argparse.Namespace, spelled: dict[str, str] | None
 
 
 def run(
-    weights: str | Path = ROOT / "runs/train/exp/weights/best.pt",
+    weights: str | Path | None = None,
     imgsz: int | list[int] = (640, 640),
     batch_size: int = 1,
     device: str = "cpu",
@@ -340,6 +340,7 @@ def run(
     data: str | Path | None = None,
 ) -> list[Path]:
     """Export ``weights`` to each format in ``include``; returns the written files."""
+    weights = weights or newest_best()
     check_export_options(argparse.Namespace(**locals()))  # the arguments, checked as the command line's are
     t = time.time()
     include = [x.lower() for x in include]
@@ -374,8 +375,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default=None,
                         help="data YAML supplying class names when the checkpoint has only placeholders")
-    parser.add_argument("--weights", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
-                        help="the .pt checkpoint to export")
+    parser.add_argument("--weights", type=str, default=None,
+                        help="the .pt checkpoint to export (default: the newest runs/train/*/weights/best.pt)")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640, 640],
                         help="input size the model is traced at: height width, or one number for both")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size the model is traced at")
@@ -386,7 +387,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--simplify", action="store_true", help="ONNX: run onnxslim (or onnxsim) on the graph")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX: operator set version to target")
     parser.add_argument("--include", nargs="+", default=["torchscript"], help="formats to write: torchscript, onnx")
-    return parser.parse_checked(argv, check_export_options)
+    return parser.parse_checked(argv, check_export_options, fill=fill_weights)
 
 
 def main(opt: argparse.Namespace) -> list[Path]:

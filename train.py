@@ -51,7 +51,7 @@ from utils.options import (  # noqa: E402
     one_of, suffix, whole,
 )
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
-from utils.schedule import Schedule, scaled_weight_decay  # noqa: E402
+from utils.schedule import NOMINAL_BATCH, Schedule, scaled_weight_decay  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
     EarlyStopping, ModelEMA, ShapeCompiledForward, de_parallel, init_seeds, retain_freed_memory, select_device,
     smart_optimizer, torch_distributed_zero_first,
@@ -298,7 +298,7 @@ class Trainer:
         """Optimizer (weight decay per step of ``batch_size * accumulation`` images), EMA, AMP scaler, early stopping,
         and on --resume their saved states."""
         opt = self.opt
-        hyp["weight_decay"] = scaled_weight_decay(hyp["weight_decay"], opt.batch_size)
+        hyp["weight_decay"] = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, int(hyp.get("nbs", NOMINAL_BATCH)))
         l2_ids, self.l2_penalty = custom_l2_setup(self.model) if opt.custom_l2 else (set(), None)
         self.optimizer = smart_optimizer(self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
                                          l2_ids)
@@ -608,7 +608,37 @@ def parse_opt(argv: list[str] | None = None, check: bool = True) -> argparse.Nam
                              "layout the README's speed section gives, with its reason)")
     parser.add_argument("--custom-l2", action="store_true",
                         help="RepVGG custom L2 on equivalent kernels instead of weight decay on RepVGG blocks")
-    return parser.parse_checked(argv, check_train_options) if check else parser.parse_args(argv)
+    opt = parser.parse_args(argv)
+    apply_data_defaults(opt, set(parser.spelled(argv)))
+    if check:
+        check_train_options(opt, parser.spelled(argv))
+    return opt
+
+
+DATA_DEFAULT_KEYS = ("cfg", "hyp", "imgsz", "epochs", "batch_size")
+
+
+def apply_data_defaults(opt: argparse.Namespace, given: set[str]) -> None:
+    """Options the user did not give take the values under the data YAML's ``train_defaults`` (ours; upstream's
+    readers ignore the key), so that a bare ``python train.py`` trains the embedded dataset as the README does. The
+    model (``cfg``) is taken only when no --cfg, --weights or --resume was given; nothing is taken when resuming."""
+    if opt.resume:
+        return
+    try:
+        recommended = (yaml_load(data_yaml_file(opt.data)) or {}).get("train_defaults") or {}
+    except (UserInputError, OSError, yaml.YAMLError, AttributeError):
+        return  # the option checks report the data YAML itself
+    if not isinstance(recommended, dict):
+        raise UserInputError(f"{opt.data}: 'train_defaults' must be a mapping of train.py options")
+    if unknown := sorted(set(recommended) - set(DATA_DEFAULT_KEYS)):
+        raise UserInputError(f"{opt.data}: train_defaults: unknown key '{unknown[0]}' "
+                             f"(expected {', '.join(DATA_DEFAULT_KEYS)})")
+    taken = {k: v for k, v in recommended.items() if k not in given and (k != "cfg" or not (opt.cfg or opt.weights))}
+    for k, v in taken.items():
+        setattr(opt, k, v)
+    if taken:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items())
+        LOGGER.info(f"{colorstr('defaults: ')}{Path(str(opt.data)).name} recommends {flags} (options not given)")
 
 
 def latest_run(search_dir: Path = ROOT / "runs") -> Path:
@@ -753,6 +783,7 @@ def run(**kwargs) -> argparse.Namespace:
         raise UserInputError(f"train.run: unknown option {unknown[0]!r}")
     for k, v in kwargs.items():
         setattr(opt, k, v)
+    apply_data_defaults(opt, set(kwargs))
     main(opt)
     return opt
 

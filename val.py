@@ -25,6 +25,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: mak
 
 from models.backend import SUFFIXES, InferenceBackend, Stopwatch, mean_ms, speed_summary  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy  # noqa: E402
+from utils.checkpoint import fill_weights, newest_best  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.datasets_check import data_yaml_file, check_dataset  # noqa: E402
 from utils.general import (  # noqa: E402
@@ -267,6 +268,7 @@ def run(data: str | Path | dict, weights: str | Path | None = None, batch_size: 
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     half &= device.type == "cuda"
+    weights = weights or newest_best()
     model = InferenceBackend(weights, device, fp16=half)
     imgsz = check_img_size(imgsz, s=model.stride)
     data = check_dataset(data)
@@ -314,8 +316,9 @@ def check_val_options(opt: argparse.Namespace, spelled: dict[str, str] | None = 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="data YAML (path or name)")
-    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "runs/train/exp/weights/best.pt",
-                        help="weights to evaluate: .pt, .torchscript or .onnx (several are evaluated in turn)")
+    parser.add_argument("--weights", nargs="+", type=str, default=None,
+                        help="weights to evaluate: .pt, .torchscript or .onnx, several in turn (default: the newest "
+                             "runs/train/*/weights/best.pt)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="longest image side, pixels")
     parser.add_argument("--conf-thres", type=float, default=0.001, help="lowest confidence kept before NMS")
@@ -337,7 +340,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--exist-ok", action="store_true", help="reuse project/name instead of numbering a new one")
     parser.add_argument("--half", action="store_true", help="FP16 inference (CUDA only)")
     parser.add_argument("--dnn", action="store_true", help="accepted for compatibility; ONNX runs in ONNX Runtime")
-    return parser.parse_checked(argv, check_val_options)
+    return parser.parse_checked(argv, check_val_options, fill=fill_weights)
 
 
 def main(opt: argparse.Namespace) -> None:

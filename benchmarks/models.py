@@ -159,7 +159,7 @@ class TrainStep:
     def __init__(self, definition: dict | Path, nc: int, imgsz: int, batch: int, hyp: dict, batches_per_epoch: int):
         torch.manual_seed(0)
         self.model = DetectionModel(definition, nc=nc, anchors=hyp.get("anchors"), verbose=False).train()
-        channels_last_training(self.model, torch.device("cpu"), compile_model=False)
+        channels_last_training(self.model, torch.device("cpu"))  # train.py's --memory-format auto
         hyp = loss_gains(hyp, self.model.model[-1].nl, nc, imgsz)
         hyp.update(weight_decay=scaled_weight_decay(hyp["weight_decay"], batch), label_smoothing=0.0)
         self.model.nc, self.model.hyp = nc, hyp

@@ -15,7 +15,7 @@ from models.common import BatchNorm2d
 from utils.general import LOGGER, UserInputError, colorstr
 
 MEMORY_FORMATS = ("auto", "channels-last", "nchw")
-AUTO_CHANNELS_LAST = True  # what --memory-format auto picks where channels-last is possible
+AUTO_CHANNELS_LAST = False  # what --memory-format auto picks where channels-last is possible (see the README)
 
 
 def _kept_nchw(m: nn.Module) -> bool:

@@ -66,6 +66,18 @@ def test_weight_decay_and_groups():
     assert {g["initial_lr"] for g in groups} == {INPUTS["hyp"]["lr0"]}
 
 
+def test_hyp_nominal_batch_sets_accumulation_and_decay():
+    """``nbs`` in a hyperparameter file (ours) replaces the nominal batch of 64: at batch 16 and nbs 16 every batch
+    is an optimizer step after warm-up, with the decay per 16 images; without the key nothing changes."""
+    hyp, batch_size, nb = {**INPUTS["hyp"], "nbs": 16}, 16, 50
+    got = simulate(Schedule(hyp, 4, nb, batch_size), 4 * nb)
+    assert set(got["accumulate"]) == {1} and got["optimizer_step"].all()
+    default = simulate(Schedule(INPUTS["hyp"], 4, nb, batch_size), 4 * nb)["accumulate"]
+    assert set(default[151:]) == {4}  # after the 150 warm-up iterations
+    assert scaled_weight_decay(0.0005, batch_size, 16) == 0.0005
+    assert scaled_weight_decay(0.0005, 8, 32) == pytest.approx(0.0005 * 8 * 4 / 32)
+
+
 def test_ema_decay_ramp():
     updates = torch.arange(1, 2001)
     np.testing.assert_allclose([ema_decay(int(u)) for u in updates], OUTPUTS["ema_decay_all"], atol=1e-12)

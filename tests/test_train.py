@@ -18,10 +18,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import val as validate
 from models.common import BatchNorm2d
 from models.yolo import DetectionModel
-from models.memory_format import channels_last_training
+from models.memory_format import AUTO_CHANNELS_LAST, channels_last_training
 from tests.helpers import ROOT, SHARED
 from utils.dataloaders import create_dataloader
 from utils.datasets_check import check_dataset
+from utils.general import UserInputError
 from utils.loss import ComputeLoss
 from utils.synthetic import generate_shapes
 from utils.torch_utils import ShapeCompiledForward, convs_channels_last, init_seeds
@@ -77,7 +78,8 @@ def test_overfits_a_few_images(tiny_data):
 
 def test_train_and_val_scripts_one_epoch(tiny_data, tmp_path):
     out = run_script("train.py", "--cfg", "yolov5n.yaml", "--data", str(tiny_data), "--img", "64", "--epochs", "1",
-                     "--batch-size", "4", "--workers", "0", "--project", str(tmp_path), "--name", "exp")
+                     "--batch-size", "4", "--workers", "0", "--project", str(tmp_path), "--name", "exp",
+                     "--memory-format", "channels-last")  # checkpoints of a channels-last run are saved NCHW
     run = tmp_path / "exp"
     assert "Training done: 1 epoch(s)" in out
     for name in ("weights/best.pt", "weights/last.pt", "results.csv", "results.png", "hyp.yaml", "opt.yaml",
@@ -289,7 +291,7 @@ def test_channels_last_training_is_as_accurate_as_nchw():
                     m.__class__ = nn.BatchNorm2d
             convs_channels_last(model)  # yolov5n has no convolution oneDNN's NHWC gradient mishandles
         elif name == "channels-last":
-            assert channels_last_training(model, torch.device("cpu"), compile_model=False)
+            assert channels_last_training(model, torch.device("cpu"), memory_format="channels-last")
             assert model.model[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
         errors[name] = float((step_gradients(model) - reference).norm() / reference.norm())
     assert errors["channels-last"] < 2 * errors["nchw"], errors
@@ -297,22 +299,33 @@ def test_channels_last_training_is_as_accurate_as_nchw():
 
 
 def test_channels_last_training_only_where_accurate_and_safe():
-    """NCHW stays for --compile, CUDA, timm's batch norms and strided 1x1 convolutions of under 16 channels past the
-    image (oneDNN's NHWC weight gradient corrupts memory there); RepVGG's 1x1 stem branch on the image stays NCHW."""
+    """--memory-format channels-last converts where it is accurate and safe and otherwise stops with the reason:
+    --compile, CUDA, timm's batch norms and strided 1x1 convolutions of under 16 channels past the image (oneDNN's NHWC
+    weight gradient corrupts memory there); RepVGG's 1x1 stem branch on the image stays NCHW. 'nchw' never converts,
+    and 'auto' follows AUTO_CHANNELS_LAST without ever raising."""
     cpu = torch.device("cpu")
     model = DetectionModel("yolov5s_RepVGG.yaml", nc=3, verbose=False)
-    assert not channels_last_training(model, cpu, compile_model=True)
-    assert not channels_last_training(model, torch.device("meta"), compile_model=False)
+    for kwargs, reason in (({"compile_model": True}, "--compile"), ({"distributed": True}, "DDP")):
+        with pytest.raises(UserInputError, match=f"--memory-format channels-last: .*{reason}"):
+            channels_last_training(model, cpu, memory_format="channels-last", **kwargs)
+        assert not channels_last_training(model, cpu, memory_format="auto", **kwargs)
+    with pytest.raises(UserInputError, match="CPU training path"):
+        channels_last_training(model, torch.device("meta"), memory_format="channels-last")
+    assert not channels_last_training(model, cpu, memory_format="nchw")
     assert not model.model[1].dense.conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert channels_last_training(model, cpu, compile_model=False)
+    assert channels_last_training(model, cpu, memory_format="channels-last")
     assert model.model[0].pointwise.conv.weight.is_contiguous()  # reads the image: kept NCHW
     assert model.model[0].dense.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert model.model[1].pointwise.conv.weight.is_contiguous(memory_format=torch.channels_last)
-    assert not channels_last_training(DetectionModel("yolov5s_timm-repvgg_a0.yaml", nc=3, verbose=False), cpu, False)
+    with pytest.raises(UserInputError, match="timm backbone"):
+        channels_last_training(DetectionModel("yolov5s_timm-repvgg_a0.yaml", nc=3, verbose=False), cpu,
+                               memory_format="channels-last")
     model = DetectionModel("yolov5n.yaml", nc=3, verbose=False)
     model.model[3].conv = nn.Conv2d(8, 64, 1, 2, bias=False)
-    assert not channels_last_training(model, cpu, compile_model=False)
+    with pytest.raises(UserInputError, match="strided 1x1"):
+        channels_last_training(model, cpu, memory_format="channels-last")
     assert not model.model[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert channels_last_training(DetectionModel("yolov5n.yaml", nc=3, verbose=False), cpu) == AUTO_CHANNELS_LAST
 
 
 MAIN_PROBE = """

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.general import LOGGER, UserInputError, first_line
+from utils.general import LOGGER, ROOT, UserInputError, first_line
 from utils.upstream import UpstreamCheckpointError, convert_upstream_checkpoint
 
 FORMAT = "yolov5-rep/1"
@@ -55,6 +55,27 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+TRAIN_RUNS = ROOT / "runs/train"  # train.py's default --project
+
+
+def newest_best(runs: str | Path | None = None) -> Path:
+    """The most recently written ``*/weights/best.pt`` under ``runs`` (default: train.py's project folder), named in
+    the log: what val.py, detect.py and export.py use when no --weights is given."""
+    runs = Path(runs or TRAIN_RUNS)
+    found = sorted(runs.glob("*/weights/best.pt"), key=os.path.getmtime)
+    if not found:
+        raise UserInputError(f"--weights: none given and no {runs / '*/weights/best.pt'} exists yet; train a "
+                             f"model first (python train.py) or pass --weights")
+    LOGGER.info(f"weights: {found[-1]} (the newest best.pt; --weights chooses another)")
+    return found[-1]
+
+
+def fill_weights(opt) -> None:
+    """Command-line ``fill`` of val.py, detect.py and export.py: no --weights means the newest best.pt."""
+    if not opt.weights:
+        opt.weights = str(newest_best())
 
 
 def load_checkpoint(path: str | Path) -> dict:

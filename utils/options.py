@@ -56,9 +56,12 @@ class OptionParser(argparse.ArgumentParser):
                 typed[dests.pop()] = word
         return typed
 
-    def parse_checked(self, argv: list[str] | None, check: Callable) -> argparse.Namespace:
-        """Parse ``argv`` and run ``check(opt, spelled)`` on the result."""
+    def parse_checked(self, argv: list[str] | None, check: Callable,
+                      fill: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
+        """Parse ``argv``, let ``fill(opt)`` complete defaults that depend on files, then run ``check(opt, spelled)``."""
         opt = self.parse_args(argv)
+        if fill:
+            fill(opt)
         check(opt, self.spelled(argv))
         return opt
 

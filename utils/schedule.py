@@ -4,6 +4,7 @@ gradient accumulation, plus the weight decay scaled to the nominal batch size.
 Conventions (YOLOv5's, which its published results and hyperparameter files assume):
 - Parameter groups are 0 biases, 1 weights with decay, 2 normalisation weights (see ``smart_optimizer``).
 - Gradients are accumulated to a nominal batch of 64 images; weight decay is scaled by the real images per step / 64.
+  A hyperparameter file may set its own nominal batch with the optional key ``nbs`` (ours; upstream fixes 64).
 - Warm-up over the first ``max(round(warmup_epochs * batches_per_epoch), 100)`` iterations ramps the learning rate of
   the weights from 0 (of the biases from ``warmup_bias_lr``) to ``lr0 * curve(epoch)``, the momentum from
   ``warmup_momentum`` to ``momentum``, and the accumulation from 1 step to 64 images.
@@ -29,14 +30,14 @@ def lr_curve(epochs: int, lrf: float, cosine: bool = False):
     return lambda e: lrf + (1 - lrf) * (1 - e / epochs)
 
 
-def accumulation(batch_size: int) -> int:
+def accumulation(batch_size: int, nominal: int = NOMINAL_BATCH) -> int:
     """Batches whose gradients one optimizer step sums (at least 1), to approach the nominal batch."""
-    return max(round(NOMINAL_BATCH / batch_size), 1)
+    return max(round(nominal / batch_size), 1)
 
 
-def scaled_weight_decay(weight_decay: float, batch_size: int) -> float:
-    """Weight decay per optimizer step for ``batch_size`` images per batch (the hyperparameter is per 64 images)."""
-    return weight_decay * batch_size * accumulation(batch_size) / NOMINAL_BATCH
+def scaled_weight_decay(weight_decay: float, batch_size: int, nominal: int = NOMINAL_BATCH) -> float:
+    """Weight decay per optimizer step for ``batch_size`` images per batch (the hyperparameter is per ``nominal``)."""
+    return weight_decay * batch_size * accumulation(batch_size, nominal) / nominal
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Schedule:
         self.bias_start, self.momentum_start = hyp["warmup_bias_lr"], hyp["warmup_momentum"]
         self.curve = lr_curve(epochs, hyp["lrf"], cosine)
         self.batches, self.batch_size = batches, batch_size
+        self.nominal = int(hyp.get("nbs", NOMINAL_BATCH))
         self.warmup = max(round(hyp["warmup_epochs"] * batches), MIN_WARMUP_ITERATIONS)
 
     def curve_lr(self, epoch: int) -> float:
@@ -70,11 +72,11 @@ class Schedule:
         epoch = ni // self.batches
         if ni > self.warmup:
             rate = self.epoch_lr(epoch)
-            return StepSettings((rate, rate, rate), self.momentum, accumulation(self.batch_size))
+            return StepSettings((rate, rate, rate), self.momentum, accumulation(self.batch_size, self.nominal))
         ramp = [0, self.warmup]
         target = self.lr0 * self.curve(epoch)
         bias = float(np.interp(ni, ramp, [self.bias_start, target]))
         weights = float(np.interp(ni, ramp, [0.0, target]))
         momentum = float(np.interp(ni, ramp, [self.momentum_start, self.momentum]))
-        steps = np.interp(ni, ramp, [1, NOMINAL_BATCH / self.batch_size]).round()
+        steps = np.interp(ni, ramp, [1, self.nominal / self.batch_size]).round()
         return StepSettings((bias, weights, weights), momentum, max(1, int(steps)))
