@@ -51,7 +51,7 @@ from utils.options import (  # noqa: E402
     one_of, suffix, whole,
 )
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
-from utils.schedule import NOMINAL_BATCH, Schedule, scaled_weight_decay  # noqa: E402
+from utils.schedule import Schedule, nominal_batch, scaled_weight_decay  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
     EarlyStopping, ModelEMA, ShapeCompiledForward, de_parallel, init_seeds, retain_freed_memory, select_device,
     smart_optimizer, torch_distributed_zero_first,
@@ -298,7 +298,7 @@ class Trainer:
         """Optimizer (weight decay per step of ``batch_size * accumulation`` images), EMA, AMP scaler, early stopping,
         and on --resume their saved states."""
         opt = self.opt
-        hyp["weight_decay"] = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, int(hyp.get("nbs", NOMINAL_BATCH)))
+        hyp["weight_decay"] = scaled_weight_decay(hyp["weight_decay"], opt.batch_size, nominal_batch(hyp))
         l2_ids, self.l2_penalty = custom_l2_setup(self.model) if opt.custom_l2 else (set(), None)
         self.optimizer = smart_optimizer(self.model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"],
                                          l2_ids)
@@ -556,7 +556,19 @@ def train(hyp: dict, opt: argparse.Namespace, device: torch.device) -> tuple:
 
 
 def parse_opt(argv: list[str] | None = None, check: bool = True) -> argparse.Namespace:
-    """The command line's options, checked (``check_train_options``) unless ``check`` is False."""
+    """The command line's options, completed from the data YAML's ``train_defaults`` and checked
+    (``check_train_options``) unless ``check`` is False."""
+    parser = train_parser()
+    opt = parser.parse_args(argv)
+    spelled = parser.spelled(argv)
+    apply_data_defaults(opt, set(spelled))
+    if check:
+        check_train_options(opt, spelled)
+    return opt
+
+
+def train_parser() -> OptionParser:
+    """train.py's options with upstream's flags and defaults."""
     parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", type=str, default="", help="starting weights: our .pt or an upstream YOLOv5 .pt")
     parser.add_argument("--cfg", type=str, default="", help="model YAML: a path, or a file name in models/")
@@ -608,11 +620,7 @@ def parse_opt(argv: list[str] | None = None, check: bool = True) -> argparse.Nam
                              "layout the README's speed section gives, with its reason)")
     parser.add_argument("--custom-l2", action="store_true",
                         help="RepVGG custom L2 on equivalent kernels instead of weight decay on RepVGG blocks")
-    opt = parser.parse_args(argv)
-    apply_data_defaults(opt, set(parser.spelled(argv)))
-    if check:
-        check_train_options(opt, parser.spelled(argv))
-    return opt
+    return parser
 
 
 DATA_DEFAULT_KEYS = ("cfg", "hyp", "imgsz", "epochs", "batch_size")
@@ -625,9 +633,10 @@ def apply_data_defaults(opt: argparse.Namespace, given: set[str]) -> None:
     if opt.resume:
         return
     try:
-        recommended = (yaml_load(data_yaml_file(opt.data)) or {}).get("train_defaults") or {}
-    except (UserInputError, OSError, yaml.YAMLError, AttributeError):
-        return  # the option checks report the data YAML itself
+        data = yaml_load(data_yaml_file(opt.data))
+    except (UserInputError, OSError, yaml.YAMLError):
+        return  # the option checks and the dataset check report the data YAML itself
+    recommended = (data.get("train_defaults") if isinstance(data, dict) else None) or {}
     if not isinstance(recommended, dict):
         raise UserInputError(f"{opt.data}: 'train_defaults' must be a mapping of train.py options")
     if unknown := sorted(set(recommended) - set(DATA_DEFAULT_KEYS)):
@@ -667,6 +676,7 @@ def load_hyp(hyp) -> dict:
     missing = [k for k in ("lr0", "lrf", "momentum", "weight_decay", "box", "cls", "obj", "anchor_t") if k not in hyp]
     if missing:
         raise UserInputError(f"hyperparameters: missing key '{missing[0]}'")
+    nominal_batch(hyp)  # an invalid nbs stops here, before anything is built
     return hyp
 
 
@@ -776,14 +786,21 @@ def main(opt: argparse.Namespace) -> None:
             dist.destroy_process_group()
 
 
-def run(**kwargs) -> argparse.Namespace:
-    """Programmatic entry: train.run(data='shapes.yaml', cfg='yolov5n.yaml', imgsz=320, epochs=3)."""
-    opt = parse_opt([], check=False)
+def run_options(**kwargs) -> argparse.Namespace:
+    """The options of ``run(**kwargs)``: upstream's defaults, then ``kwargs``, then the ``train_defaults`` of the data
+    YAML those name, for the options ``kwargs`` leave out."""
+    opt = train_parser().parse_args([])
     if unknown := sorted(set(kwargs) - set(vars(opt))):
         raise UserInputError(f"train.run: unknown option {unknown[0]!r}")
     for k, v in kwargs.items():
         setattr(opt, k, v)
     apply_data_defaults(opt, set(kwargs))
+    return opt
+
+
+def run(**kwargs) -> argparse.Namespace:
+    """Programmatic entry: train.run(data='shapes.yaml', cfg='yolov5n.yaml', imgsz=320, epochs=3)."""
+    opt = run_options(**kwargs)
     main(opt)
     return opt
 

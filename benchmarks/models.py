@@ -46,7 +46,7 @@ from utils.dataloaders import create_dataloader
 from utils.datasets_check import check_dataset
 from utils.general import LOGGER, UserInputError, set_logging
 from utils.loss import ComputeLoss
-from utils.schedule import Schedule, scaled_weight_decay
+from utils.schedule import Schedule, nominal_batch, scaled_weight_decay
 from utils.torch_utils import ModelEMA, count_flops, model_gflops, retain_freed_memory, smart_optimizer
 
 FORMS = ("unfolded", "folded", "torchscript", "onnxruntime")
@@ -161,7 +161,8 @@ class TrainStep:
         self.model = DetectionModel(definition, nc=nc, anchors=hyp.get("anchors"), verbose=False).train()
         channels_last_training(self.model, torch.device("cpu"))  # train.py's --memory-format auto
         hyp = loss_gains(hyp, self.model.model[-1].nl, nc, imgsz)
-        hyp.update(weight_decay=scaled_weight_decay(hyp["weight_decay"], batch), label_smoothing=0.0)
+        hyp.update(weight_decay=scaled_weight_decay(hyp["weight_decay"], batch, nominal_batch(hyp)),
+                   label_smoothing=0.0)
         self.model.nc, self.model.hyp = nc, hyp
         self.optimizer = smart_optimizer(self.model, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
         self.ema = ModelEMA(self.model)

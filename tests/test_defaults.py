@@ -82,3 +82,30 @@ def test_no_trained_model_yet_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "TRAIN_RUNS", tmp_path)
     with pytest.raises(UserInputError, match=r"--weights: none given .*\(python train.py\)"):
         val.parse_opt([])
+
+
+def test_programmatic_run_takes_the_recommendation_of_its_own_data(tmp_path):
+    """train.run(data=...) must not inherit the default dataset's recommendation (shapes' model, hyp, size)."""
+    data = tmp_path / "plain.yaml"
+    data.write_text("path: x\ntrain: images\nval: images\nnames: [a]\n")
+    opt = train.run_options(data=str(data), weights="some.pt")
+    assert (opt.cfg, opt.imgsz, opt.epochs, opt.hyp.name) == ("", 640, 100, "hyp.scratch-low.yaml")
+    opt = train.run_options(epochs=2)  # the default data: its recommendation fills the rest
+    assert (opt.cfg, opt.imgsz, opt.epochs) == (recommended()["cfg"], recommended()["imgsz"], 2)
+
+
+@pytest.mark.parametrize("nbs", [0, -16, 2.5, "64", True])
+def test_invalid_nominal_batch_is_named(nbs):
+    hyp = yaml.safe_load((ROOT / "data/hyps/hyp.scratch-low.yaml").read_text()) | {"nbs": nbs}
+    with pytest.raises(UserInputError, match="'nbs' must be a positive whole number"):
+        train.load_hyp(hyp)
+
+
+@pytest.mark.parametrize("script, argv, flag", [(val, ["--conf-thres", "2"], "--conf-thres"),
+                                                (detect, ["--max-det", "0"], "--max-det"),
+                                                (export, ["--batch-size", "0"], "--batch-size")])
+def test_bad_values_are_named_before_looking_for_weights(script, argv, flag, tmp_path, monkeypatch):
+    """On a fresh clone (no best.pt yet) a bad value is still the error reported, not the missing weights."""
+    monkeypatch.setattr(checkpoint, "TRAIN_RUNS", tmp_path)
+    with pytest.raises(UserInputError, match=f"^{flag} "):
+        script.parse_opt(argv)

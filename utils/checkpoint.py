@@ -28,6 +28,7 @@ from utils.general import LOGGER, ROOT, UserInputError, first_line
 from utils.upstream import UpstreamCheckpointError, convert_upstream_checkpoint
 
 FORMAT = "yolov5-rep/1"
+TRAIN_RUNS = ROOT / "runs/train"  # train.py's default --project, where newest_best() looks
 
 
 class CheckpointError(UserInputError):
@@ -55,9 +56,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-TRAIN_RUNS = ROOT / "runs/train"  # train.py's default --project
 
 
 def newest_best(runs: str | Path | None = None) -> Path:

@@ -58,11 +58,12 @@ class OptionParser(argparse.ArgumentParser):
 
     def parse_checked(self, argv: list[str] | None, check: Callable,
                       fill: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
-        """Parse ``argv``, let ``fill(opt)`` complete defaults that depend on files, then run ``check(opt, spelled)``."""
+        """Parse ``argv``, run ``check(opt, spelled)``, then let ``fill(opt)`` complete defaults that depend on files
+        (after the checks, so that a bad value is named even where the fill itself would fail)."""
         opt = self.parse_args(argv)
+        check(opt, self.spelled(argv))
         if fill:
             fill(opt)
-        check(opt, self.spelled(argv))
         return opt
 
 

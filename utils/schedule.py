@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from utils.general import UserInputError
+
 NOMINAL_BATCH = 64
 MIN_WARMUP_ITERATIONS = 100
 
@@ -28,6 +30,14 @@ def lr_curve(epochs: int, lrf: float, cosine: bool = False):
     if cosine:
         return lambda e: 1 + (lrf - 1) * (1 - math.cos(math.pi * e / epochs)) / 2
     return lambda e: lrf + (1 - lrf) * (1 - e / epochs)
+
+
+def nominal_batch(hyp: dict) -> int:
+    """The hyperparameters' nominal batch: their optional ``nbs`` (a positive whole number), else 64."""
+    nbs = hyp.get("nbs", NOMINAL_BATCH)
+    if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs < 1:
+        raise UserInputError(f"hyperparameters: 'nbs' must be a positive whole number of images, got {nbs!r}")
+    return nbs
 
 
 def accumulation(batch_size: int, nominal: int = NOMINAL_BATCH) -> int:
@@ -57,7 +67,7 @@ class Schedule:
         self.bias_start, self.momentum_start = hyp["warmup_bias_lr"], hyp["warmup_momentum"]
         self.curve = lr_curve(epochs, hyp["lrf"], cosine)
         self.batches, self.batch_size = batches, batch_size
-        self.nominal = int(hyp.get("nbs", NOMINAL_BATCH))
+        self.nominal = nominal_batch(hyp)
         self.warmup = max(round(hyp["warmup_epochs"] * batches), MIN_WARMUP_ITERATIONS)
 
     def curve_lr(self, epoch: int) -> float:
