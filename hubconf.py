@@ -45,6 +45,7 @@ def _local_weights(name: str) -> _Path:
 def _pretrained(path: _Path, channels: int, classes: int | None):
     """The checkpoint's model; for other ``classes``/``channels``, a new model with every tensor whose shape fits."""
     from models.loading import build_model, transfer_weights
+    from models.modules.timm_backbone import without_weights_files
     from models.yolo import DetectionModel
     from utils.checkpoint import load_checkpoint
 
@@ -52,13 +53,13 @@ def _pretrained(path: _Path, channels: int, classes: int | None):
     model = build_model(ckpt)
     if classes in (None, ckpt["nc"]) and channels == model.yaml.get("ch", 3):
         return model
-    fresh = DetectionModel(ckpt["yaml"], ch=channels, nc=classes or ckpt["nc"], verbose=False)
+    fresh = DetectionModel(without_weights_files(ckpt["yaml"]), ch=channels, nc=classes or ckpt["nc"], verbose=False)
     transfer_weights(fresh, model.state_dict(), path)
     return fresh
 
 
 def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int | None = None,
-            autoshape: bool = True, verbose: bool = True, device=None):
+            autoshape: bool = True, verbose: bool = True, device=None, backbone_weights: str | None = None):
     """Model ``name`` (a models/*.yaml stem): local weights or random init; AutoShape-wrapped and folded."""
     from models.yolo import DetectionModel
     from models.backend import AutoShape
@@ -70,24 +71,38 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
     else:
         model = DetectionModel(f"{name}.yaml", ch=channels, nc=classes, verbose=verbose)
         LOGGER.info(f"{name}: randomly initialized weights (pretrained=False)")
+    if backbone_weights:
+        model.load_backbone(backbone_weights)
     model = model.to(_device(device))
     return AutoShape(model.eval().fuse()) if autoshape else model
 
 
-def custom(path: str = "path/to/model.pt", autoshape: bool = True, _verbose: bool = True, device=None):
-    """A trained model from a local .pt (ours or upstream YOLOv5's, read safely), .torchscript or .onnx file.
+def custom(path: str = "path/to/model.pt", autoshape: bool = True, _verbose: bool = True, device=None,
+           backbone_weights: str | None = None, classes: int | None = None):
+    """A trained model from a local .pt (ours or upstream YOLOv5's, read safely), .torchscript or .onnx file, or a
+    new one from a model YAML (``classes`` sets its class count).
 
-    ``autoshape=False`` returns the bare model: a trainable DetectionModel for .pt files, else the inference backend.
+    ``backbone_weights``: a published backbone checkpoint (official RepLKNet, RevCol, RepVGG, RepGhostNet, DAMO-YOLO,
+    or timm) loaded into the .pt or YAML model's matching rows. ``autoshape=False`` returns the bare model: a
+    trainable DetectionModel for .pt and YAML files, else the inference backend.
     """
     from models.backend import AutoShape, InferenceBackend
     from models.loading import build_model
+    from models.yolo import DetectionModel
     from utils.checkpoint import load_checkpoint
     from utils.general import set_logging
 
     set_logging(_verbose)
     path = _Path(path)
-    if path.suffix == ".pt" and not autoshape:
-        return build_model(load_checkpoint(path)).to(_device(device))
+    if path.suffix in (".yaml", ".yml") or (path.suffix == ".pt" and (backbone_weights or not autoshape)):
+        if path.suffix == ".pt":
+            model = build_model(load_checkpoint(path))
+        else:
+            model = DetectionModel(path, nc=classes, verbose=_verbose)
+        if backbone_weights:
+            model.load_backbone(backbone_weights)
+        model = model.to(_device(device))
+        return AutoShape(model.eval().fuse()) if autoshape else model
     backend = InferenceBackend(path, _device(device))
     return AutoShape(backend) if autoshape else backend
 
@@ -96,12 +111,13 @@ def _entry_point(cfg: _Path):
     """The hub function for one model YAML."""
 
     def entry(pretrained: bool = True, channels: int = 3, classes: int | None = None, autoshape: bool = True,
-              _verbose: bool = True, device=None):
-        return _create(cfg.stem, pretrained, channels, classes, autoshape, _verbose, device)
+              _verbose: bool = True, device=None, backbone_weights: str | None = None):
+        return _create(cfg.stem, pretrained, channels, classes, autoshape, _verbose, device, backbone_weights)
 
     entry.__name__ = entry.__qualname__ = cfg.stem
     entry.__doc__ = (f"YOLOv5 model from models/{cfg.name}. pretrained=True loads {cfg.stem}.pt (local only); "
-                     "classes defaults to the weights' (or the YAML's) class count.")
+                     "classes defaults to the weights' (or the YAML's) class count; backbone_weights loads a "
+                     "published backbone checkpoint into the rows it fits.")
     return entry
 
 

@@ -32,6 +32,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: mak
 
 from models.loading import build_model, transfer_weights  # noqa: E402
 from models.memory_format import MEMORY_FORMATS, channels_last_training  # noqa: E402
+from models.modules.timm_backbone import without_weights_files  # noqa: E402
 from models.yolo import DetectionModel, find_model_yaml  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
@@ -48,7 +49,7 @@ from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.options import (  # noqa: E402
     Combination, OptionParser, between, check_options, device_spec, each, existing_file, found, fraction, not_empty,
-    one_of, suffix, whole,
+    freeze_item, one_of, suffix, whole, whole_or,
 )
 from utils.plots import plot_images, plot_labels, plot_results  # noqa: E402
 from utils.schedule import Schedule, nominal_batch, scaled_weight_decay  # noqa: E402
@@ -161,19 +162,31 @@ def build_train_model(opt, hyp: dict, nc: int, device: torch.device) -> tuple[nn
     if not str(opt.weights).endswith(".pt"):
         if not opt.cfg:
             raise UserInputError("pass --cfg (a model YAML such as yolov5s.yaml) or --weights (a .pt checkpoint)")
-        return DetectionModel(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors")).to(device), None
+        model = DetectionModel(opt.cfg, ch=3, nc=nc, anchors=hyp.get("anchors"),
+                               backbone_weights=opt.backbone_weights or None)
+        return model.to(device), None
     ckpt = load_checkpoint(opt.weights)
     if opt.resume:
         return build_model(ckpt, use_ema=False).to(device), ckpt
-    model = DetectionModel(opt.cfg or ckpt["yaml"], ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
+    model = DetectionModel(opt.cfg or without_weights_files(ckpt["yaml"]), ch=3, nc=nc, anchors=hyp.get("anchors"))
     exclude = ("anchor",) if (opt.cfg or hyp.get("anchors")) else ()
     transfer_weights(model, ckpt.get("ema") or ckpt["model"], opt.weights, exclude)
-    return model, ckpt
+    if opt.backbone_weights:  # after the transfer: the published backbone replaces the checkpoint's
+        model.load_backbone(opt.backbone_weights)
+    return model.to(device), ckpt
 
 
-def freeze_layers(model: nn.Module, freeze: list[int]) -> None:
-    """--freeze 10 freezes layers 0-9; --freeze 0 1 2 freezes those layer indices."""
-    frozen = {f"model.{i}." for i in (freeze if len(freeze) > 1 else range(freeze[0]))}
+def freeze_layers(model: nn.Module, freeze: list[int | str]) -> None:
+    """--freeze 10 freezes layers 0-9; --freeze 0 1 2 freezes those layer indices; 'backbone' adds the layers
+    --backbone-weights loaded (``model.backbone_rows``)."""
+    numbers = [f for f in freeze if f != "backbone"]
+    layers = set(numbers if len(numbers) > 1 else range(numbers[0] if numbers else 0))
+    if "backbone" in freeze:
+        layers.update(getattr(model, "backbone_rows", []))
+    if "backbone" in freeze and not getattr(model, "backbone_rows", []):
+        LOGGER.warning("--freeze backbone: this model holds no published backbone weights, so no layer is frozen "
+                       "for it")
+    frozen = {f"model.{i}." for i in layers}
     for name, p in model.named_parameters():
         p.requires_grad = not any(name.startswith(prefix) for prefix in frozen)
         if not p.requires_grad:
@@ -606,9 +619,14 @@ def train_parser() -> OptionParser:
     parser.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing epsilon of the class loss")
     parser.add_argument("--patience", type=int, default=100,
                         help="stop after this many epochs without a better fitness (0: never)")
-    parser.add_argument("--freeze", nargs="+", type=int, default=[0],
+    parser.add_argument("--freeze", nargs="+", type=freeze_item, default=[0],
                         help="layers to freeze: one number N freezes layers 0..N-1 (10: a YOLOv5 backbone), "
-                             "several numbers freeze those layers")
+                             "several numbers freeze those layers; 'backbone' freezes the layers "
+                             "--backbone-weights loaded")
+    parser.add_argument("--backbone-weights", type=str, default="",
+                        help="published checkpoint to start the backbone (or DAMO-YOLO neck) from: an official "
+                             "RepLKNet, RevCol, RepVGG, RepGhostNet or DAMO-YOLO file, or a timm checkpoint; "
+                             "loaded into the model rows it fits (see the README, Transfer learning)")
     parser.add_argument("--save-period", type=int, default=-1, help="also keep epochN.pt every N epochs (N >= 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything random in the run")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the DDP launcher; leave it alone")
@@ -706,12 +724,17 @@ TRAIN_RULES = {  # flag -> rule; checked in this order, before anything is read 
     "--name": not_empty,
     "--label-smoothing": fraction(open_high=True),
     "--patience": whole(0, hint=" (0: never stop early)"),
-    "--freeze": each(whole(0)),
+    "--freeze": each(whole_or("backbone")),
+    "--backbone-weights": existing_file,
     "--save-period": whole(1, also=(-1,), hint=", or -1 for none"),
     "--seed": between(0, 2**31 - 1),
     "--local_rank": whole(-1),
 }
 TRAIN_COMBINATIONS = (
+    Combination(("--freeze",), lambda o: "backbone" in o.freeze and not (o.backbone_weights or o.resume or o.weights),
+                "'backbone' freezes the layers --backbone-weights loads; give --backbone-weights FILE"),
+    Combination(("--backbone-weights", "--resume"), lambda o: o.backbone_weights and o.resume,
+                "a resumed run continues from its own last.pt; start a new run to load a backbone"),
     Combination(("--cfg", "--weights"), lambda o: not (o.cfg or o.weights or o.resume),
                 "give a model: --cfg (a model YAML such as yolov5s.yaml) or --weights (a .pt checkpoint)"),
     Combination(("--rect", "--image-weights"), lambda o: o.rect and o.image_weights,

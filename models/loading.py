@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from models.modules.timm_backbone import without_weights_files
 from models.yolo import DetectionModel
 from utils.checkpoint import load_checkpoint
 from utils.general import LOGGER
@@ -15,7 +16,7 @@ from utils.general import LOGGER
 
 def build_model(ckpt: dict, use_ema: bool = True) -> DetectionModel:
     """A DetectionModel with the checkpoint's definition and weights (the EMA weights when present)."""
-    model = DetectionModel(ckpt["yaml"], verbose=False)
+    model = DetectionModel(without_weights_files(ckpt["yaml"]), verbose=False)  # the checkpoint holds the weights
     state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     model.names = {int(k): v for k, v in ckpt["names"].items()}

@@ -359,8 +359,14 @@ def parse_model(d: dict, ch: int, source: str = "model.yaml",
 
 
 def _build_row(ctor: Callable, kind: str, inputs: list[int], args: list, n: int, gw: float, no: int, where: str):
-    """Construct one row's module according to its argument convention. Returns (module, out channels, args)."""
+    """Construct one row's module according to its argument convention. Returns (module, out channels, args).
+
+    A mapping as the last argument is passed as keyword arguments (``[-1, 1, revcol_tiny, [{num_subnet: 2}]]``).
+    """
     c1 = inputs[0]
+    kwargs = {}
+    if args and isinstance(args[-1], dict):
+        args, kwargs = args[:-1], args[-1]
     if kind in ("conv", "csp"):
         if not args:
             raise ModelConfigError(f"{where}: missing output channels (args[0])")
@@ -394,8 +400,8 @@ def _build_row(ctor: Callable, kind: str, inputs: list[int], args: list, n: int,
         c2 = None
     else:  # plain
         c2 = c1
-    module = nn.Sequential(*(ctor(*args) for _ in range(n))) if n > 1 else ctor(*args)
-    return module, c2, args
+    module = nn.Sequential(*(ctor(*args, **kwargs) for _ in range(n))) if n > 1 else ctor(*args, **kwargs)
+    return module, c2, args + [kwargs] if kwargs else args
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -493,11 +499,16 @@ def _tta_to_input_pixels(pred: torch.Tensor, scale: float, mirrored: bool, width
 
 
 class DetectionModel(BaseModel):
-    """YOLOv5 detection model from a YAML path, a bare YAML name in models/, or a model dict."""
+    """YOLOv5 detection model from a YAML path, a bare YAML name in models/, or a model dict.
+
+    ``backbone_weights``: a published checkpoint (an official ImageNet backbone, a DAMO-YOLO detector, a timm
+    file) loaded into the rows it fits after initialization (:func:`models.pretrained.load_backbone_weights`);
+    ``backbone_rows`` then lists the layer indices it loaded.
+    """
 
     def __init__(self, cfg: str | Path | dict = "yolov5s.yaml", ch: int = 3, nc: int | None = None,
                  anchors: int | list | None = None, extra_modules: dict[str, tuple[Callable, str]] | None = None,
-                 verbose: bool = True):
+                 verbose: bool = True, backbone_weights: str | Path | None = None):
         super().__init__()
         if isinstance(cfg, dict):
             self.yaml, self.yaml_file = copy.deepcopy(cfg), "model.yaml"
@@ -527,9 +538,41 @@ class DetectionModel(BaseModel):
         self.stride = m.stride
         self._initialize_biases(strides)
         initialize_weights(self)
+        self.backbone_rows: list[int] = list(self.yaml.get("backbone_rows", []))  # kept in checkpoints' yaml
+        self._keep_published_bn_eps()
+        if backbone_weights:
+            self.load_backbone(backbone_weights)
         if verbose:
             self.info()
             LOGGER.info("")
+
+    def load_backbone(self, path: str | Path) -> list[int]:
+        """Load a published checkpoint into the rows it fits (all or nothing); returns and records those rows."""
+        from models.pretrained import load_backbone_weights
+
+        self.backbone_rows = self.yaml["backbone_rows"] = load_backbone_weights(self, path).rows
+        self._record_bn_eps(self.backbone_rows)
+        return self.backbone_rows
+
+    def _record_bn_eps(self, rows: list[int]) -> None:
+        """Keep in the YAML the BatchNorm eps that published weights came with (eps is not in a state_dict), so a
+        model rebuilt from a checkpoint computes what was trained."""
+        recorded = dict(self.yaml.get("backbone_bn_eps", {}))
+        for i in rows:
+            eps = [m.eps for m in self.model[i].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            if eps:
+                recorded[i] = eps[0]
+        if recorded:
+            self.yaml["backbone_bn_eps"] = recorded
+
+    def _keep_published_bn_eps(self) -> None:
+        """The recorded eps back on their rows, and the eps of rows that loaded their own weights file (a timm row
+        with a ``weights`` argument) recorded."""
+        self._record_bn_eps([i for i, row in enumerate(self.model) if getattr(row, "keeps_bn_eps", False)])
+        for i, eps in self.yaml.get("backbone_bn_eps", {}).items():
+            for m in self.model[int(i)].modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eps = eps
 
     def _measure_strides(self, ch: int, source: str) -> list[float]:
         """Strides of the Detect inputs, from a forward pass of a blank image (eval mode, no side effects)."""
@@ -599,10 +642,13 @@ Model = DetectionModel  # upstream alias
 
 
 def initialize_weights(model: nn.Module) -> None:
-    """Upstream's BatchNorm settings (eps 1e-3, momentum 0.03) and in-place activations."""
+    """Upstream's BatchNorm settings (eps 1e-3, momentum 0.03) and in-place activations. Rows that loaded published
+    weights themselves (``keeps_bn_eps``) keep their BatchNorm eps."""
+    kept = {id(b) for m in model.modules() if getattr(m, "keeps_bn_eps", False) for b in m.modules()}
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            m.eps, m.momentum = 1e-3, 0.03
+            m.momentum = 0.03
+            m.eps = m.eps if id(m) in kept else 1e-3
         elif isinstance(m, (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)):
             m.inplace = True
 

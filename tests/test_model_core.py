@@ -484,7 +484,7 @@ def test_variants_are_declared_one_way():
     families = [m for m in family_modules() if hasattr(m, "VARIANTS")]
     assert {m.__name__.rsplit(".", 1)[1] for m in families} >= {"repvgg", "revcol"}
     for family in families:
-        prefix = family.__name__.rsplit(".", 1)[1]
+        prefix = getattr(family, "VARIANT_PREFIX", family.__name__.rsplit(".", 1)[1])
         for name, kwargs in family.VARIANTS.items():
             assert isinstance(kwargs, Mapping) and all(isinstance(k, str) for k in kwargs)
             constructor, kind = family.YAML_MODULES[f"{prefix}_{name}"]

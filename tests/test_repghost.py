@@ -131,6 +131,7 @@ def test_yaml_rows():
         "RepGhostModule": "conv",
         "RepGhostBottleneck": "conv",
         "C3RepGhost": "csp",
+        **{f"repghostnet_{w}": "backbone" for w in ("0_5x", "0_58x", "0_8x", "1_0x", "1_11x", "1_3x", "1_5x", "2_0x")},
     }
     down = repghost_bottleneck_row(64, 128, 3, 2, 0.5)
     assert down.ghost1.primary.conv.out_channels == 64 and down.ghost2.primary.conv.out_channels == 128

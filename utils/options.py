@@ -126,6 +126,27 @@ def whole(minimum: int, *, also: tuple = (), hint: str = "") -> Rule:
     return rule
 
 
+def whole_or(*words: str) -> Rule:
+    """An integer >= 0, or one of ``words``."""
+
+    def rule(value) -> str | None:
+        if value in words:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"must be an integer >= 0 or {' or '.join(repr(w) for w in words)}"
+        return None
+
+    return rule
+
+
+def freeze_item(text: str) -> int | str:
+    """argparse type of one --freeze item: an integer when it reads as one, else the word as given."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def between(low: int, high: int) -> Rule:
     """An integer in [low, high]."""
 
@@ -215,8 +236,8 @@ def found(finder: Callable, what: str) -> Rule:
 
 
 def existing_file(value) -> str | None:
-    """A path to a file (True, the flag without a value, passes)."""
-    if isinstance(value, str) and not Path(value).is_file():
+    """A path to a file (True, the flag without a value, and '', the flag left out, pass)."""
+    if isinstance(value, str) and value and not Path(value).is_file():
         return "no such file"
     return None
 

@@ -2,9 +2,13 @@
 
 Contract every family file follows (``models/yolo.py`` relies on it):
 
-- The file's docstring cites the paper; it imports only torch, timm and ``models.common``
+- The file's docstring cites the paper; it imports only torch, timm, ``models.common``
   (for the shared folding primitives ``ConvBN``, ``fold_bn``, ``pad_kernel``, ``identity_kernel``,
-  ``bn_as_conv``, ``make_conv`` and the protocol below).
+  ``bn_as_conv``, ``make_conv`` and the protocol below) and ``models.pretrained`` (checkpoint formats).
+- Published checkpoints: a family whose official code publishes weights declares
+  ``CHECKPOINT_FORMATS: tuple[models.pretrained.CheckpointFormat, ...]``: how to recognise the official
+  state_dict, which keys are classifier heads, and where each official tensor goes in a model's rows.
+  ``models.pretrained.load_backbone_weights`` (``train.py --backbone-weights``) finds them all.
 - Re-parameterization: a module that trains with branches (or conv + BatchNorm) subclasses
   ``models.common.Reparameterizable`` and implements ``_fold()``. That gives it ``reparameterize()``
   (timm's name; in place, idempotent, children included; the eval-mode output is unchanged) and the
@@ -14,7 +18,8 @@ Contract every family file follows (``models/yolo.py`` relies on it):
   ``reparameterize()`` on every module that has it.
 - Variants: a family with named sizes declares ``VARIANTS: dict[str, dict]`` (variant name -> constructor
   keyword arguments) and registers one YAML constructor per variant, ``<family>_<variant>(c1=3, **overrides)``,
-  made by ``models.common.variant_constructors``.
+  made by ``models.common.variant_constructors``; ``<family>`` is the file's name unless the file declares
+  ``VARIANT_PREFIX`` (repghost.py: ``repghostnet``, the published network's name).
 - ``YAML_MODULES: dict[str, tuple[callable, str]]`` maps each name usable in a model YAML to its
   constructor and its argument convention (``kind``) for a row ``[from, n, name, args]``:
 

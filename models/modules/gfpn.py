@@ -6,7 +6,9 @@ Paradigm for Object Detection", ICLR 2022: queen-fusion nodes that merge same-le
 lower features through ``CSPStage`` blocks of re-parameterizable ``RepConv`` units.
 
 Attribute names follow DAMO-YOLO's neck (``rbr_dense``/``rbr_1x1``, ``conv1``..``conv3``,
-``convs``), so its training-form weights map onto these modules key for key.
+``convs``), so its training-form weights map onto these modules key for key. ``CHECKPOINT_FORMATS``
+loads the ``neck.*`` tensors of a DAMO-YOLO detector checkpoint into a model whose neck rows follow
+GiraffeNeckV2's data flow (``models/yolov5_GFPN-damo-{t,s,m,l}.yaml``); see :func:`damo_neck_rows`.
 
 SPP inside ``CSPStage`` (``spp=True``): DAMO-YOLO inserts pooling (max-pools 5, 9, 13 on the
 input, concatenated with it, then a 1x1 ConvBNAct back to ``mid`` channels) after block
@@ -19,13 +21,15 @@ the block it follows, both in the chain and in the concatenation, so ``conv3`` k
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
 from types import MappingProxyType
 
 import torch
 import torch.nn as nn
 
-from models.common import ConvBN, Reparameterizable, pad_kernel
+from models.common import Concat, ConvBN, Reparameterizable, pad_kernel
+from models.pretrained import CheckpointError, CheckpointFormat
 
 ACTIVATIONS = MappingProxyType({
     "relu": nn.ReLU,
@@ -145,3 +149,96 @@ YAML_MODULES = {
     "RepConv": (RepConv, "conv"),
     "ConvBNAct": (ConvBNAct, "conv"),
 }
+
+
+# ------------------------------------------------------------------------------------------------ DAMO-YOLO checkpoints
+
+DAMO_FLOW = MappingProxyType({
+    "merge_3": ("x0", "bu_conv13(x1)"),
+    "merge_4": ("x1", "bu_conv24(x2)", "up(merge_3)"),
+    "merge_5": ("x2", "up(merge_4)"),
+    "merge_7": ("merge_4", "bu_conv57(merge_5)"),
+    "merge_6": ("merge_3", "bu_conv46(merge_4)", "bu_conv76(merge_7)"),
+})
+"""GiraffeNeckV2's forward: each merge node's concatenated inputs, in order; x2, x1, x0 are the backbone's P3, P4, P5.
+The dict's order is the only order in which the nodes can run (each needs the ones before it)."""
+
+
+def _source(rows: nn.Sequential, i: int, f: int) -> int:
+    """The row index that a ``from`` entry ``f`` of row ``i`` names (negative: counted back from ``i``)."""
+    return f if f >= 0 else i + f
+
+
+def _match(rows: nn.Sequential, j: int, term: str, names: dict[str, int]) -> bool:
+    """Whether row ``j`` computes ``term`` of :data:`DAMO_FLOW`; binds the names it meets in ``names``
+    (a name bound before must be the same row)."""
+    op, _, arg = term.partition("(")
+    row = rows[j]
+    if arg:  # 'up(x)' or 'bu_convNN(x)': a one-input row, then its input
+        if op == "up":
+            ok = isinstance(row, nn.Upsample) and row.scale_factor in (2, 2.0) and row.mode == "nearest"
+        else:
+            ok = isinstance(row, ConvBNAct) and row.conv.stride == (2, 2) and row.conv.kernel_size == (3, 3)
+        ok = ok and isinstance(row.f, int) and _match(rows, _source(rows, j, row.f), arg[:-1], names)
+    else:  # a merge node or a backbone input: a CSPStage matched already, or any other row
+        ok = isinstance(row, CSPStage) == op.startswith("merge")
+    if ok and op != "up":
+        ok = names.setdefault(op, j) == j
+    return ok
+
+
+def damo_neck_rows(rows: nn.Sequential) -> dict[str, int]:
+    """DAMO-YOLO module name ('merge_3', 'bu_conv13', ...) -> row index, for a model whose neck is GiraffeNeckV2.
+
+    The model's CSPStage rows are the merge nodes in DAMO's forward order (merge_3, merge_4, merge_5, merge_7,
+    merge_6); each must read a Concat whose inputs, traced through Upsample and stride-2 3x3 ConvBNAct rows
+    (the bu_convs), are those of :data:`DAMO_FLOW`, with the same three backbone rows throughout.
+    Returns {} for a model without CSPStage rows; raises a one-line CheckpointError for any other neck. Widths,
+    depth and hidden_ratio are checked by the loader through the tensor shapes; the activation is not stored in a
+    checkpoint, so it is the YAML's to match (DAMO-YOLO-T/S use ReLU, M/L SiLU).
+    """
+    merges = [i for i, row in enumerate(rows) if isinstance(row, CSPStage)]
+    if not merges:
+        return {}
+    if len(merges) != len(DAMO_FLOW):
+        raise CheckpointError(f"a DAMO-YOLO neck has {len(DAMO_FLOW)} CSPStage merge nodes, the model has "
+                              f"{len(merges)} (layers {merges}); build the neck as in models/yolov5_GFPN-damo-s.yaml")
+    names = dict(zip(DAMO_FLOW, merges))
+    for (name, terms), i in zip(DAMO_FLOW.items(), merges):
+        cat = _source(rows, i, rows[i].f) if isinstance(rows[i].f, int) else None
+        froms = getattr(rows[cat], "f", None) if cat is not None and isinstance(rows[cat], Concat) else None
+        ok = isinstance(froms, list) and len(froms) == len(terms) and all(
+            _match(rows, _source(rows, cat, f), term, names) for f, term in zip(froms, terms))
+        if not ok:
+            raise CheckpointError(f"layer {i} is not DAMO-YOLO's {name} = {name}(cat[{', '.join(terms)}]) "
+                                  "(x2, x1, x0: P3, P4, P5); build the neck as in models/yolov5_GFPN-damo-s.yaml")
+    return {k: v for k, v in names.items() if not k.startswith("x")}
+
+
+def _map_damo_neck(keys: list[str], rows: nn.Sequential) -> dict[str, str]:
+    """``neck.<module>.<rest>`` -> ``'<row of module>.<rest>'`` (our blocks keep DAMO's attribute names)."""
+    where = damo_neck_rows(rows)
+    mapping = {}
+    for key in keys:
+        module, _, rest = key.removeprefix("neck.").partition(".")
+        if module in where:
+            mapping[key] = f"{where[module]}.{rest}"
+    return mapping
+
+
+def _is_damo_detector(state: Mapping[str, torch.Tensor]) -> bool:
+    """A DAMO-YOLO detector's state_dict (its GiraffeNeckV2 under ``neck.``)."""
+    return any(k.startswith("neck.merge_3.") for k in state) and any(k.startswith("neck.bu_conv13.") for k in state)
+
+
+CHECKPOINT_FORMATS = (
+    CheckpointFormat(
+        name="DAMO-YOLO",
+        recognise=_is_damo_detector,
+        is_head=lambda key: not key.startswith("neck."),  # backbone.* (TinyNAS) and head.* (ZeroHead) are not ours
+        map_keys=_map_damo_neck,
+        bn_eps=1e-3,  # DAMO-YOLO builds every BatchNorm with eps 1e-3
+        no_rows_hint="only its GFPN neck loads, into a model whose neck is DAMO-YOLO's GiraffeNeckV2 "
+        "(models/yolov5_GFPN-damo-{t,s,m,l}.yaml)",
+    ),
+)

@@ -5,7 +5,8 @@ CVPR 2022. Each RepLKBlock is a 1x1 -> large depthwise (31x31 ... 13x13, with a 
 that folds into it) -> 1x1 bottleneck; each ConvFFN a 1x1 -> GELU -> 1x1 feed-forward; both are
 pre-BN residual blocks with stochastic depth. The large depthwise convolutions run through
 :mod:`models.modules.large_kernel` (an exact FFT path on the CPU), or through the implementation
-``LARGE_KERNEL_CONV_IMPL`` points at, as in the original code.
+``LARGE_KERNEL_CONV_IMPL`` points at, as in the original code. ``CHECKPOINT_FORMATS`` maps the official
+ImageNet checkpoints (``stem.*``, ``stages.*``, ``transitions.*``) onto the RepLKNet_Stem and RepLKNet_stage rows.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 import sys
 
 import torch
@@ -22,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from models.common import BatchNorm2d, Conv, ConvBN, Reparameterizable, fold_bn, make_conv, pad_kernel
 from models.modules.large_kernel import LargeKernelDepthwiseConv2d
+from models.pretrained import CheckpointFormat, rows_of_type
 
 LOGGER = logging.getLogger(__name__)
 
@@ -285,3 +288,59 @@ YAML_MODULES = {
     "RepLKNet_stage3": (RepLKNet_stage3, "fixed"),
     "RepLKNet_stage4": (RepLKNet_stage4, "fixed"),
 }
+
+
+# ------------------------------------------------------------------------------------------------- official checkpoints
+
+OFFICIAL_STAGE = re.compile(r"(stages|transitions)\.(\d+)\.(.+)")
+"""An official stage key: ``stages.{s}.<rest>`` or ``transitions.{s}.<rest>``."""
+
+
+def _is_official_replknet(state: dict[str, torch.Tensor]) -> bool:
+    """The official RepLKNet's names: a ``stem.*`` and pre-BN large-kernel blocks under ``stages.*``."""
+    return "stem.0.conv.weight" in state and any(k.startswith("stages.") and ".prelkb_bn." in k for k in state)
+
+
+def _is_classifier(key: str) -> bool:
+    """The ImageNet classifier: the final BatchNorm ``norm.*`` and the linear ``head.*``."""
+    return key.split(".", 1)[0] in ("norm", "head")
+
+
+def _map_official_keys(keys: list[str], rows: nn.Sequential) -> dict[str, str]:
+    """Official names onto the rows: ``stem.*`` -> the first RepLKNet_Stem row; ``stages.{s}.blocks.*`` and
+    ``transitions.{s}.*`` -> ``.stage.blocks.*`` and ``.transition.*`` of the first stage row with stage_index s.
+
+    ``stages.{s}.norm.*`` (written only with norm_intermediate_features, which this backbone does not build) and
+    keys of stages the model has no row for stay unmapped, so the loader reports them as skipped.
+    """
+    stems = rows_of_type(rows, RepLKNet_Stem)
+    stages: dict[int, int] = {}
+    for i, row in rows_of_type(rows, RepLKNetBackboneStage):
+        stages.setdefault(row.stage_index, i)
+    mapping = {}
+    for key in keys:
+        if key.startswith("stem.") and stems:
+            mapping[key] = f"{stems[0][0]}.{key[len('stem.'):]}"
+            continue
+        found = OFFICIAL_STAGE.fullmatch(key)
+        if found is None or int(found[2]) not in stages:
+            continue
+        group, index, rest = found[1], stages[int(found[2])], found[3]
+        if group == "transitions":
+            mapping[key] = f"{index}.transition.{rest}"
+        elif rest.startswith("blocks."):
+            mapping[key] = f"{index}.stage.{rest}"
+    return mapping
+
+
+CHECKPOINT_FORMATS = (
+    CheckpointFormat(
+        name="RepLKNet",
+        recognise=_is_official_replknet,
+        is_head=_is_classifier,
+        map_keys=_map_official_keys,
+        bn_eps=1e-5,  # the official ImageNet training used PyTorch's default BatchNorm eps
+        no_rows_hint="use a model whose backbone rows are RepLKNet_Stem and RepLKNet_stage1..4 "
+        "(models/yolov5_RepLKNet.yaml)",
+    ),
+)

@@ -16,10 +16,14 @@ kernels, penalise ``sum(ring(K3)**2) + sum((t3*c(K3) + t1*K1)**2 / (t3**2 + t1**
 each branch's (detached) BN scale: plain L2 on the ring, normalised L2 on the centre of the
 equivalent kernel. The training loss adds ``0.5 * weight_decay * repvgg_custom_l2(model)`` and the
 optimizer gives the parameters of :func:`repvgg_custom_l2_parameters` no weight decay.
+
+Official checkpoints (``CHECKPOINT_FORMATS``): training-form files load into a RepVGGBackbone row, deploy-form
+files (``rbr_reparam``) into a folded one; the official BatchNorms use eps 1e-5.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from types import MappingProxyType
 
@@ -28,6 +32,7 @@ import torch.nn as nn
 from timm.layers import SEModule
 
 from models.common import BatchNorm2d, ConvBN, Reparameterizable, bn_as_conv, pad_kernel, variant_constructors
+from models.pretrained import CheckpointFormat, rename_prefix, rows_of_type
 
 GROUPED_LAYERS = range(2, 27, 2)  # block indices (stem excluded, from 1) that g2/g4 variants group
 STAGE_PLANES = (64, 128, 256, 512)
@@ -185,3 +190,53 @@ YAML_MODULES = {
     "RepVGGStage": (RepVGGStage, "csp"),
     **{name: (constructor, "backbone") for name, constructor in BACKBONES.items()},
 }
+
+
+# ------------------------------------------------------------------------------------------------- official checkpoints
+
+OFFICIAL_BLOCK = re.compile(r"stage(0|[1-4]\.\d+)\.((?:rbr_dense|rbr_1x1|rbr_identity|rbr_reparam|se)\..+)")
+"""An official block key, ``stage0.<branch>.*`` or ``stage{s}.{j}.<branch>.*``: (block, rest)."""
+
+OFFICIAL_NAMES = (("rbr_dense", "dense"), ("rbr_1x1", "pointwise"), ("rbr_identity", "identity"),
+                  ("rbr_reparam", "fused"), ("se.down", "se.fc1"), ("se.up", "se.fc2"))
+"""The official block's child names -> RepVGGBlock's (its SE is timm's SEModule, ``fc1``/``fc2``)."""
+
+
+def _is_official_repvgg(state: dict[str, torch.Tensor]) -> bool:
+    """The official RepVGG's names: a stem block ``stage0`` in training (``rbr_dense``) or deploy form."""
+    return "stage0.rbr_dense.conv.weight" in state or "stage0.rbr_reparam.weight" in state
+
+
+def _is_classifier(key: str) -> bool:
+    """The ImageNet classifier, ``linear.*``."""
+    return key.startswith("linear.")
+
+
+def _map_official_keys(keys: list[str], rows: nn.Sequential) -> dict[str, str]:
+    """Official names onto the first RepVGGBackbone row: ``stage0.*`` -> ``stages.0.*``, ``stage{s}.{j}.*`` ->
+    ``stages.{s}.{j}.*``, branches renamed by ``OFFICIAL_NAMES``. Deploy keys (``rbr_reparam``) go to the folded
+    block's ``fused`` conv, so they fit a folded model only. Keys of no block stay unmapped (reported as skipped)."""
+    backbones = rows_of_type(rows, RepVGGBackbone)
+    if not backbones:
+        return {}
+    index = backbones[0][0]
+    mapping = {}
+    for key in keys:
+        found = OFFICIAL_BLOCK.fullmatch(key)
+        if found is not None:
+            mapping[key] = f"{index}.stages.{found[1]}.{rename_prefix(found[2], OFFICIAL_NAMES)}"
+    return mapping
+
+
+CHECKPOINT_FORMATS = (
+    CheckpointFormat(
+        name="RepVGG",
+        recognise=_is_official_repvgg,
+        is_head=_is_classifier,
+        map_keys=_map_official_keys,
+        bn_eps=1e-5,  # the official ImageNet training used PyTorch's default BatchNorm eps
+        no_rows_hint="official RepVGG weights fit only a whole-backbone row (repvgg_a0 ... repvgg_d2se, e.g. "
+        "models/yolov5_RepVGG-A0.yaml); RepVGGBlock/RepVGGStage rows in a YOLOv5 backbone (yolov5s_RepVGG.yaml) "
+        "have no published checkpoint",
+    ),
+)

@@ -7,14 +7,15 @@ of the previous column: ``c_i = alpha_i * c_i_prev + level_i(c_{i-1}, c_{i+1}_pr
 (``save_memory=True``) keeps only the column boundaries, not the activations inside the columns.
 
 State-dict names follow the official implementation (``stem.0``, ``subnet3.alpha1``,
-``subnet3.level1.fusion.up.channel_reschedule.0``, ``...blocks.0.pwconv1``), so its ImageNet weights
-load into :class:`FullNet` with ``strict=False`` (skipping its classifier and decoder heads).
+``subnet3.level1.fusion.up.channel_reschedule.0``, ``...blocks.0.pwconv1``): ``CHECKPOINT_FORMATS`` loads its
+ImageNet weights into the :class:`FullNet` row (classifier and decoder heads skipped) and applies its alpha clamp.
 Input sides must be multiples of 32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import torch
@@ -24,6 +25,7 @@ from timm.layers import DropPath, trunc_normal_
 from torch.utils.checkpoint import get_device_states, set_device_states
 
 from models.common import variant_constructors
+from models.pretrained import CheckpointError, CheckpointFormat, rows_of_type
 
 ALPHA_MIN = 1e-3  # smallest |alpha|: the reconstruction in backward divides by alpha
 ALPHA_INIT = 0.5
@@ -222,15 +224,19 @@ class SubNet(nn.Module):
         return self.alpha0, self.alpha1, self.alpha2, self.alpha3
 
     @torch.no_grad()
-    def clamp_alphas(self) -> None:
-        """Keep every |alpha| >= ALPHA_MIN, keeping its sign (zero counts as positive)."""
+    def clamp_alphas(self, keep_zero: bool = False) -> None:
+        """Keep every |alpha| >= ALPHA_MIN, keeping its sign, in place.
+
+        Training counts an exact zero as positive (the reversible backward divides by alpha); ``keep_zero`` applies
+        the official rule instead, which leaves an exact zero at zero (what an official checkpoint computes with).
+        """
         for alpha in self.alphas:
-            sign = torch.where(alpha < 0, -1.0, 1.0).to(alpha)
+            sign = torch.sign(alpha) if keep_zero else torch.where(alpha < 0, -1.0, 1.0).to(alpha)
             alpha.copy_(sign * alpha.abs().clamp_min(ALPHA_MIN))
 
     def forward(self, x: torch.Tensor, *prev: torch.Tensor | float) -> list[torch.Tensor]:
         """New states c0..c3 from the stem output ``x`` and the previous column's ``prev`` (0s for the first)."""
-        if self.training:  # in place; eval (and export) use the alphas as the last training step left them
+        if self.training:  # in place; eval (and export) use the alphas as training or the checkpoint loader left them
             self.clamp_alphas()
         if self.save_memory and torch.is_grad_enabled():
             params = [p for level in self.levels for p in level.parameters()]
@@ -293,3 +299,45 @@ def revcol_backbone(c1: int = 3, **config) -> FullNet:
 BACKBONES = variant_constructors("revcol", revcol_backbone, VARIANTS)  # revcol_tiny(c1=3, **overrides), ...
 
 YAML_MODULES = {name: (constructor, "backbone") for name, constructor in BACKBONES.items()}
+
+
+# ---- official checkpoints (megvii-research/RevCol: {'model': state_dict}, FullNet's names) ---------------------------
+_COLUMN = re.compile(r"subnet(\d+)\.")
+_HEADS = ("cls_blocks.", "decoder_blocks.", "cls.")  # ImageNet classifiers, reconstruction decoders, fine-tune head
+
+
+def _is_official(state: Mapping[str, torch.Tensor]) -> bool:
+    return "stem.0.weight" in state and "subnet0.alpha0" in state
+
+
+def _map_official_keys(keys: Sequence[str], rows: nn.Sequential) -> dict[str, str]:
+    """Every official backbone key onto the first FullNet row under the same name; refuses a column-count mismatch,
+    whose columns would otherwise load partly (a revcol_tiny file into revcol_small has the same shapes)."""
+    found = rows_of_type(rows, FullNet)
+    if not found:
+        return {}
+    index, net = found[0]
+    columns = {int(m.group(1)) for k in keys if (m := _COLUMN.match(k))}
+    if columns and max(columns) + 1 != net.num_subnet:
+        raise CheckpointError(f"RevCol checkpoint with {max(columns) + 1} columns (up to 'subnet{max(columns)}.*'), "
+                              f"but the FullNet in layer {index} has {net.num_subnet}: build the YAML of its size")
+    return {k: f"{index}.{k}" for k in keys}
+
+
+def _clamp_loaded_alphas(row: nn.Module) -> None:
+    """The official forward's in-place clamp, applied once at load: the official features were computed with it, and
+    our eval forward leaves alphas as they are."""
+    for m in row.modules():
+        if isinstance(m, SubNet):
+            m.clamp_alphas(keep_zero=True)
+
+
+CHECKPOINT_FORMATS = (CheckpointFormat(
+    name="RevCol",
+    recognise=_is_official,
+    is_head=lambda key: key.startswith(_HEADS),
+    map_keys=_map_official_keys,
+    bn_eps=None,  # LayerNorms only, built with the official eps 1e-6
+    after_load=_clamp_loaded_alphas,
+    no_rows_hint="build the model from a RevCol YAML (models/yolov5_RevCol*.yaml: tiny, -small, -base, ...)",
+),)
