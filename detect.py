@@ -13,6 +13,8 @@ Usage - formats:
     python detect.py --weights best.pt                 # PyTorch checkpoint (folded before inference)
                                best.torchscript        # TorchScript (export.py --include torchscript)
                                best.onnx               # ONNX Runtime, or OpenCV DNN with --dnn
+                               best_int8.onnx          # INT8 ONNX (export.py --include onnx --int8 --data ...)
+                               best_openvino_model/    # OpenVINO IR folder (export.py --include openvino), or its .xml
 
 Results go to runs/detect/exp*: annotated images and videos, and with --save-txt labels/*.txt
 (class x y w h [conf], normalized), --save-csv predictions.csv, --save-crop crops/<class>/*.jpg.
@@ -34,7 +36,9 @@ import torch
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: make the repository importable
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from models.backend import SUFFIXES, InferenceBackend, Stopwatch, class_counts, mean_ms, speed_summary  # noqa: E402
+from models.backend import (  # noqa: E402
+    InferenceBackend, Stopwatch, class_counts, mean_ms, speed_summary, weights_rule,
+)
 from utils.boxes import scale_boxes  # noqa: E402
 from utils.checkpoint import fill_weights, newest_best  # noqa: E402
 from utils.dataloaders import LoadImages, LoadStreams, is_stream_source  # noqa: E402
@@ -44,7 +48,7 @@ from utils.general import (  # noqa: E402
 )
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.options import (  # noqa: E402
-    Combination, OptionParser, check_options, device_spec, each, found, fraction, not_empty, on_cpu, suffix, whole,
+    Combination, OptionParser, check_options, device_spec, each, found, fraction, not_empty, on_cpu, whole,
 )
 from utils.plots import Annotator, colors, imwrite, save_one_box  # noqa: E402
 from utils.predictions import save_one_txt  # noqa: E402
@@ -151,7 +155,7 @@ def load_backend(weights, device: torch.device, half: bool, dnn: bool, data) -> 
             names = " ".join(map(str, weights))
             raise UserInputError(f"--weights {names}: give one model (ensembles are not supported)")
         weights = weights[0]
-    if not Path(weights).is_file():
+    if not Path(weights).exists():  # a file, or an OpenVINO export's folder
         raise UserInputError(f"--weights {weights}: file not found (train one with train.py, or export one with "
                              "export.py, and pass its path)")
     return InferenceBackend(weights, device, fp16=half, dnn=dnn, data=data)
@@ -304,7 +308,7 @@ def one_model(weights) -> str | None:
     """--weights: one model file (a list from the command line holds one path)."""
     if isinstance(weights, (list, tuple)) and len(weights) != 1:
         return "give one model (ensembles are not supported)"
-    return suffix(*SUFFIXES)(weights)
+    return weights_rule(weights)
 
 
 DETECT_RULES = {  # flag -> rule; checked in this order, before anything is loaded
@@ -336,8 +340,8 @@ def check_detect_options(opt: argparse.Namespace, spelled: dict[str, str] | None
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", nargs="+", type=str, default=None,
-                        help="the model file: a .pt checkpoint, or a .torchscript/.onnx export (default: the newest "
-                             "runs/train/*/weights/best.pt)")
+                        help="the model: a .pt checkpoint, a .torchscript/.onnx export or an OpenVINO export folder "
+                             "(*_openvino_model; default: the newest runs/train/*/weights/best.pt)")
     parser.add_argument("--source", type=str, default=ROOT / "data/images",
                         help="what to run on: an image, video, folder, glob, .txt list, stream URL, or 0 (webcam)")
     parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml",

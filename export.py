@@ -1,21 +1,35 @@
-"""Export a trained YOLOv5 model to TorchScript and ONNX, checked against PyTorch.
+"""Export a trained YOLOv5 model to TorchScript, ONNX and OpenVINO IR, checked against PyTorch; INT8 on request.
 
 The model is folded first (``model.fuse()``: Conv+BN and every re-parameterizable block, so large-kernel and
 multi-branch models export as plain convolutions), its Detect head returns only the decoded tensor
-(batch, anchors, 5 + nc), and stride and class names are embedded as JSON metadata (ONNX: metadata_props
-key ``metadata``; TorchScript: extra file ``config.txt``). Each exported file is then run (ONNX Runtime,
-TorchScript) on a random input and compared with PyTorch; a difference above tolerance fails the export.
+(batch, anchors, 5 + nc), and stride and class names are embedded as metadata (ONNX: JSON in metadata_props
+key ``metadata``; TorchScript: extra file ``config.txt``; OpenVINO: ``metadata.yaml`` in the model folder).
+Each exported model is then run (ONNX Runtime, TorchScript, OpenVINO) on a random input and compared with
+PyTorch; a difference above tolerance fails the export.
 
 ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): the torch.export-based default needs
 onnxscript and emits opset >= 18 graphs; this one writes the standard opset-17 operators that ONNX Runtime
-and OpenCV DNN read.
+and OpenCV DNN read. OpenVINO IR (``<name>_openvino_model/<name>.xml/.bin``, float32 weights) is converted
+from that ONNX graph by ``openvino.convert_model``.
+
+``--int8 --data DATA.yaml`` also writes post-training INT8 models, calibrated on images of the dataset's train
+split (``--calib-images``, letterboxed as detect.py feeds a fixed-shape model): ``<name>_int8.onnx`` (ONNX
+Runtime static quantization, QDQ, per-channel int8 weights, uint8 activations) and
+``<name>_int8_openvino_model/`` (NNCF). The Detect head (output convolutions and box decoding) stays float.
+The INT8 check runs both models on the calibration images and counts the FP32 detections (after NMS) found
+again by the INT8 model; below 95% it warns (the file is kept: measure it with val.py).
+
+Formats of upstream YOLOv5 not written here (engine, tflite, coreml, saved_model, pb, edgetpu, tfjs, paddle)
+are refused with a one-line error.
 
 Usage:
-    python export.py --weights runs/train/exp/weights/best.pt --include torchscript onnx --imgsz 320
+    python export.py --weights runs/train/exp/weights/best.pt --include torchscript onnx openvino --imgsz 320
+    python export.py --weights best.pt --include onnx openvino --int8 --data data/shapes.yaml --imgsz 320
 
 Use the exported files:
     python detect.py --weights best.onnx --imgsz 320
-    python val.py --weights best.torchscript --data data/shapes.yaml --img 320
+    python detect.py --weights best_openvino_model --imgsz 320
+    python val.py --weights best_int8.onnx --data data/shapes.yaml --img 320
 """
 
 from __future__ import annotations
@@ -23,6 +37,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
+import random
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +47,7 @@ import warnings
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -38,18 +56,38 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: mak
 
 from models.yolo import Detect  # noqa: E402
 from models.backend import (  # noqa: E402
-    ONNX_METADATA_KEY, TORCHSCRIPT_METADATA_FILE, InferenceBackend, names_from_data,
+    ONNX_METADATA_KEY, OPENVINO_METADATA_FILE, OPENVINO_SUFFIX, TORCHSCRIPT_METADATA_FILE, InferenceBackend,
+    missing_package, names_from_data, openvino_xml, require,
 )
 from models.loading import load_model  # noqa: E402
+from utils.augmentations import letterbox  # noqa: E402
+from utils.boxes import box_iou  # noqa: E402
 from utils.checkpoint import CheckpointError, fill_weights, newest_best  # noqa: E402
-from utils.datasets_check import data_yaml_file  # noqa: E402
-from utils.general import ROOT, LOGGER, UserInputError, check_img_size, colorstr, run_cli  # noqa: E402
+from utils.dataloaders import bgr_to_chw_rgb, find_image_files, imread  # noqa: E402
+from utils.datasets_check import check_dataset, data_yaml_file  # noqa: E402
+from utils.general import (  # noqa: E402
+    ROOT, LOGGER, UserInputError, check_img_size, colorstr, first_line, run_cli, yaml_save,
+)
+from utils.nms import non_max_suppression  # noqa: E402
 from utils.options import (  # noqa: E402
     Combination, OptionParser, between, check_options, device_spec, each, found, on_cpu, suffix, whole,
 )
 from utils.torch_utils import select_device  # noqa: E402
 
-FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx"}
+FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "openvino": OPENVINO_SUFFIX}  # name -> file suffix
+LABELS = {"torchscript": "TorchScript", "onnx": "ONNX", "openvino": "OpenVINO"}
+INT8_FORMATS = ("onnx", "openvino")
+NOT_WRITTEN = {  # the other --include formats of upstream YOLOv5, refused with a one-line error
+    "engine": "TensorRT engines", "tflite": "TensorFlow Lite models", "coreml": "Core ML models",
+    "saved_model": "TensorFlow SavedModels", "pb": "TensorFlow GraphDefs", "edgetpu": "Edge TPU models",
+    "tfjs": "TensorFlow.js models", "paddle": "PaddlePaddle models",
+}
+DEFAULT_CALIB_IMAGES = 300
+# INT8 check: FP32 detections (PyTorch, after NMS at INT8_NMS = (conf, IoU)) that the INT8 model finds again
+# (same class, box IoU >= INT8_MATCH_IOU); fewer than INT8_KEPT of them is reported with a warning.
+INT8_NMS = (0.25, 0.45)
+INT8_MATCH_IOU = 0.9
+INT8_KEPT = 0.95
 DEFAULT_OPSET = 17
 OPSETS = (9, 20)  # what the TorchScript-based exporter writes for these models (8 and below lack their resizes)
 # Parity check: largest allowed difference between an exported file's output and PyTorch's, for boxes
@@ -82,8 +120,24 @@ def external_data_file(file: Path) -> Path:
 
 
 def file_size(path: str | Path) -> float:
-    """File size in MB, with an ONNX model's external data file."""
-    return sum(f.stat().st_size for f in (Path(path), external_data_file(Path(path))) if f.is_file()) / 1e6
+    """Size in MB of a file with an ONNX model's external data file, or of the files in an OpenVINO folder."""
+    path = Path(path)
+    files = path.iterdir() if path.is_dir() else (path, external_data_file(path))
+    return sum(f.stat().st_size for f in files if f.is_file()) / 1e6
+
+
+def export_path(weights: Path, fmt: str, int8: bool = False) -> Path:
+    """Where format ``fmt`` of ``weights`` goes: best.onnx, best_int8.onnx, best_openvino_model/, ..."""
+    return weights.with_name(f"{weights.stem}{'_int8' if int8 else ''}{FORMATS[fmt]}")
+
+
+def remove_export(path: Path) -> None:
+    """Delete what an export wrote at ``path``: an OpenVINO folder, or a file with its external data."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    for leftover in (path, external_data_file(path)):
+        if leftover.is_file():
+            leftover.unlink()
 
 
 def prepare_for_export(model: nn.Module, im: torch.Tensor, inplace: bool = False, dynamic: bool = False
@@ -113,6 +167,7 @@ def export_metadata(model: nn.Module, im: torch.Tensor, dynamic: bool) -> dict:
         "shape": list(im.shape),
         "dynamic": dynamic,
         "half": im.dtype == torch.float16,
+        "precision": "float16" if im.dtype == torch.float16 else "float32",
         "description": "YOLOv5 model exported by export.py",
         "torch": str(torch.__version__),
         "date": datetime.now().isoformat(timespec="seconds"),
@@ -184,6 +239,32 @@ def simplify_onnx(proto):
     return proto
 
 
+def write_openvino(network, folder: Path, metadata: dict) -> Path:
+    """Save an OpenVINO model as ``folder/<name>.xml/.bin`` (float32 weights) with ``metadata.yaml`` beside it."""
+    ov = require("openvino", purpose="OpenVINO export")
+    folder.mkdir(parents=True, exist_ok=True)
+    xml = folder / f"{folder.name.removesuffix(OPENVINO_SUFFIX)}.xml"
+    for stale in (xml, xml.with_suffix(".bin"), folder / OPENVINO_METADATA_FILE):
+        stale.unlink(missing_ok=True)
+    ov.save_model(network, str(xml), compress_to_fp16=False)  # the default halves the weights
+    yaml_save(folder / OPENVINO_METADATA_FILE, metadata)
+    return folder
+
+
+def export_openvino(model: nn.Module, im: torch.Tensor, folder: Path, metadata: dict, opset: int = DEFAULT_OPSET,
+                    dynamic: bool = False) -> Path:
+    """Export to ONNX in a scratch folder, convert that graph with ``openvino.convert_model`` and write the IR.
+
+    Going through ONNX reuses the graph that every model YAML is tested to export exactly; OpenVINO's own PyTorch
+    frontend would trace the model a second, different way.
+    """
+    ov = require("openvino", purpose="OpenVINO export")
+    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+        graph = export_onnx(model, im, Path(tmp) / f"{folder.name}.onnx", metadata, opset, dynamic)
+        network = ov.convert_model(str(graph))
+    return write_openvino(network, folder, metadata)
+
+
 def run_exported(file: Path, im: torch.Tensor) -> torch.Tensor:
     """Output of an exported file on ``im``, through the same backend detect.py and val.py use."""
     return InferenceBackend(file, im.device, fp16=im.dtype == torch.float16)(im)
@@ -229,12 +310,13 @@ def parity_checkable(fmt: str, im: torch.Tensor) -> bool:
 
 
 def exporter_version(fmt: str, opset: int) -> str:
-    """What writes format ``fmt``, for the log: the torch version, or the onnx package's and the opset."""
+    """What writes format ``fmt``, for the log: torch's version, or the onnx (and openvino) version and the opset."""
     if fmt == "torchscript":
         return f"torch {torch.__version__}"
     import onnx
 
-    return f"onnx {onnx.__version__}, opset {opset}"
+    via = f"onnx {onnx.__version__}, opset {opset}"
+    return via if fmt == "onnx" else f"openvino {require('openvino').__version__} (from ONNX: {via})"
 
 
 def write_and_verify(fmt: str, model: nn.Module, im: torch.Tensor, file: Path, opset: int, dynamic: bool,
@@ -243,6 +325,8 @@ def write_and_verify(fmt: str, model: nn.Module, im: torch.Tensor, file: Path, o
     metadata = export_metadata(model, im, dynamic)
     if fmt == "torchscript":
         export_torchscript(model, im, file, metadata)
+    elif fmt == "openvino":
+        export_openvino(model, im, file, metadata, opset, dynamic)
     else:
         export_onnx(model, im, file, metadata, opset, dynamic, simplify)
     if parity_checkable(fmt, im):
@@ -252,23 +336,244 @@ def write_and_verify(fmt: str, model: nn.Module, im: torch.Tensor, file: Path, o
                        "provider, which is not installed)")
 
 
-def export_one(fmt: str, model: nn.Module, im: torch.Tensor, file: Path, opset: int = DEFAULT_OPSET,
-               dynamic: bool = False, simplify: bool = False) -> Path:
-    """Export ``model`` to ``file`` in format ``fmt`` and verify it; raises ExportError (the file removed)."""
-    label = colorstr(f"{'TorchScript' if fmt == 'torchscript' else 'ONNX'}:")
-    LOGGER.info(f"\n{label} writing {file.name} with {exporter_version(fmt, opset)}")
+def guarded(label: str, file: Path, write) -> Path:
+    """Call ``write()``, which writes and checks ``file``; log the time and size. Any failure removes what was
+    written and raises ExportError naming the file."""
     start = time.time()
     try:
-        write_and_verify(fmt, model, im, file, opset, dynamic, simplify)
+        write()
     except Exception as e:
-        for leftover in (file, external_data_file(file)):
-            leftover.unlink(missing_ok=True)
+        remove_export(file)
         LOGGER.info(f"{label} failed after {time.time() - start:.1f}s: {e}")
         if isinstance(e, ExportError):
             raise
-        raise ExportError(f"{label} {file}: {e}") from e
+        raise ExportError(f"{label} {file}: {first_line(e)}") from e
     LOGGER.info(f"{label} done in {time.time() - start:.1f}s: {file} ({file_size(file):.1f} MB)")
     return file
+
+
+def export_one(fmt: str, model: nn.Module, im: torch.Tensor, file: Path, opset: int = DEFAULT_OPSET,
+               dynamic: bool = False, simplify: bool = False) -> Path:
+    """Export ``model`` to ``file`` in format ``fmt`` and verify it; raises ExportError (the file removed)."""
+    label = colorstr(f"{LABELS[fmt]}:")
+    LOGGER.info(f"\n{label} writing {file.name} with {exporter_version(fmt, opset)}")
+    return guarded(label, file, lambda: write_and_verify(fmt, model, im, file, opset, dynamic, simplify))
+
+
+# ------------------------------------------------------------------------------------------------------------ INT8
+
+
+class CalibrationImages:
+    """Dataset images as float32 input batches of the exported shape (b, 3, h, w), read from disk on each pass.
+
+    Each image is letterboxed to (h, w) as detect.py prepares it for a fixed-shape model (no stride trimming,
+    grey padding, RGB, /255). Unreadable files are skipped; an incomplete last batch is dropped (the images are
+    repeated when there are fewer than b).
+    """
+
+    def __init__(self, files: list[str], shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+        b = self.shape[0]
+        self.files = list(files) * -(-b // len(files)) if len(files) < b else list(files)
+        self.batches = len(self.files) // b
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        b, _, h, w = self.shape
+        batch = []
+        for file in self.files:
+            image = imread(file)
+            if image is None:
+                continue
+            batch.append(bgr_to_chw_rgb(letterbox(image, (h, w), auto=False)[0]))
+            if len(batch) == b:
+                yield np.stack(batch).astype(np.float32) / 255
+                batch = []
+
+
+def calibration_images(data: str | Path, count: int, shape: tuple[int, ...], split: str = "train"
+                       ) -> CalibrationImages:
+    """Up to ``count`` images of ``split`` of data YAML ``data`` (a fixed random sample when there are more)."""
+    dataset = check_dataset(data)
+    if not dataset.get(split):
+        raise UserInputError(f"--data {data}: no '{split}' split to take INT8 calibration images from")
+    files = find_image_files(dataset[split])
+    chosen = sorted(random.Random(0).sample(files, count)) if len(files) > count else files
+    LOGGER.info(f"\n{colorstr('INT8:')} calibrating on {len(chosen)} of the {len(files)} {split} images of {data}, "
+                f"letterboxed to {shape[2]}x{shape[3]}")
+    return CalibrationImages(chosen, shape)
+
+
+def float_head(order: list[str], successors: dict[str, list[str]], convs: set[str]) -> set[str]:
+    """The graph's last convolutions (those with no convolution after them) and every node downstream of them.
+
+    In a detector these are the Detect head: its output convolutions, then the reshapes, sigmoids and grid/anchor
+    arithmetic whose output holds pixel boxes and [0, 1] scores side by side (one 8-bit scale for both would erase
+    the scores). INT8 exports keep them in float: the decoding must, and the output convolutions, a sliver of the
+    compute, decide the box coordinates that the INT8 check compares. ``order`` lists the node names
+    topologically; ``successors`` maps a name to its consumers.
+    """
+    feeds_conv = set()
+    for name in reversed(order):
+        if any(s in convs or s in feeds_conv for s in successors.get(name, ())):
+            feeds_conv.add(name)
+    stack = [c for c in convs if c not in feeds_conv]
+    head = set(stack)
+    while stack:
+        for s in successors.get(stack.pop(), ()):
+            if s not in head:
+                head.add(s)
+                stack.append(s)
+    return head
+
+
+def onnx_float_head(proto) -> list[str]:
+    """float_head of an ONNX graph (every node named first: quantization excludes nodes by name)."""
+    for k, node in enumerate(proto.graph.node):
+        node.name = node.name or f"{node.op_type}_{k}"
+    producer = {out: node.name for node in proto.graph.node for out in node.output}
+    successors = {}
+    for node in proto.graph.node:
+        for tensor in node.input:
+            if tensor in producer:
+                successors.setdefault(producer[tensor], []).append(node.name)
+    convs = {node.name for node in proto.graph.node if node.op_type == "Conv"}
+    return sorted(float_head([node.name for node in proto.graph.node], successors, convs))
+
+
+def openvino_float_head(network) -> list[str]:
+    """float_head of an OpenVINO model, as operation names (Result nodes left out)."""
+    ops = network.get_ordered_ops()
+    successors = {op.get_friendly_name(): [target.get_node().get_friendly_name() for out in op.outputs()
+                                           for target in out.get_target_inputs()] for op in ops}
+    convs = {op.get_friendly_name() for op in ops if op.get_type_name() in ("Convolution", "GroupConvolution")}
+    results = {op.get_friendly_name() for op in ops if op.get_type_name() == "Result"}
+    return sorted(float_head([op.get_friendly_name() for op in ops], successors, convs) - results)
+
+
+def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata: dict) -> Path:
+    """ONNX Runtime static quantization of ``source``: QDQ, per-channel int8 weights, uint8 activations (ONNX
+    Runtime's advice for x86 CPUs), min/max calibration; the Detect head stays float (see float_head)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calib)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": batch}
+
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        prepared = Path(tmp) / source.name
+        try:  # shape inference and graph clean-up, which ONNX Runtime recommends before quantizing
+            quant_pre_process(str(source), str(prepared))
+        except Exception as e:
+            LOGGER.warning(f"WARNING ONNX Runtime's pre-quantization pass failed ({first_line(e)}); quantizing the "
+                           "graph as exported")
+            prepared = source
+        proto = onnx.load(str(prepared))
+    excluded = onnx_float_head(proto)
+    props = [p for p in proto.metadata_props if p.key != ONNX_METADATA_KEY]  # keeps the pre-processing mark
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(props)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(metadata)
+    quantize_static(proto, str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+    return target
+
+
+def quantize_openvino(source: Path, target: Path, calib: CalibrationImages, metadata: dict) -> Path:
+    """NNCF post-training quantization of the OpenVINO model in folder ``source`` (symmetric int8 weights,
+    asymmetric activations, NNCF's bias correction); the Detect head stays float (see float_head)."""
+    ov = require("openvino", purpose="OpenVINO INT8 export")
+    nncf = require("nncf", purpose="OpenVINO INT8 export")
+    nncf.set_log_level(logging.WARNING)  # otherwise one line per operation left unquantized
+    network = ov.Core().read_model(str(openvino_xml(source)))
+    ignored = nncf.IgnoredScope(names=openvino_float_head(network), validate=False)
+    quantized = nncf.quantize(network, nncf.Dataset(calib), preset=nncf.QuantizationPreset.MIXED,
+                              subset_size=len(calib), ignored_scope=ignored)
+    return write_openvino(quantized, target, metadata)
+
+
+def kept_detections(reference: torch.Tensor, test: torch.Tensor, iou: float = INT8_MATCH_IOU) -> int:
+    """How many ``reference`` detections (rows [xyxy, conf, cls], most confident first, as NMS returns them)
+    have a ``test`` detection of the same class overlapping them by ``iou`` or more, each test row used once."""
+    if not len(reference) or not len(test):
+        return 0
+    overlaps = box_iou(reference[:, :4], test[:, :4])
+    overlaps[reference[:, 5:6] != test[:, 5].unsqueeze(0)] = 0
+    taken = torch.zeros(len(test), dtype=torch.bool, device=test.device)
+    kept = 0
+    for row in overlaps:
+        row = row.masked_fill(taken, 0)
+        best = int(row.argmax())
+        if row[best] >= iou:
+            taken[best] = True
+            kept += 1
+    return kept
+
+
+def int8_agreement(file: Path, model: nn.Module, calib: CalibrationImages) -> tuple[int, int]:
+    """(FP32 detections found again by the INT8 model ``file``, FP32 detections) over the calibration images;
+    FP32 is the folded PyTorch model, both outputs go through the same NMS."""
+    backend = InferenceBackend(file)
+    device = next(model.parameters()).device
+    kept = total = 0
+    for batch in calib:
+        x = torch.from_numpy(batch)
+        with torch.no_grad():
+            reference = non_max_suppression(model(x.to(device)).float().cpu(), *INT8_NMS)
+        test = non_max_suppression(backend(x).cpu(), *INT8_NMS)
+        for ref, got in zip(reference, test):
+            kept += kept_detections(ref, got)
+            total += len(ref)
+    return kept, total
+
+
+def check_int8(file: Path, model: nn.Module, calib: CalibrationImages) -> float | None:
+    """Log the share of FP32 detections that ``file`` keeps (None when FP32 detects nothing); warn below INT8_KEPT."""
+    kept, total = int8_agreement(file, model, calib)
+    images = f"{len(calib) * calib.shape[0]} calibration images"
+    if not total:
+        LOGGER.warning(f"WARNING {file.name}: the FP32 model detects nothing above conf {INT8_NMS[0]} on the {images};"
+                       " INT8 agreement not measured")
+        return None
+    share = kept / total
+    figure = (f"{file.name} finds {kept} of the {total} FP32 detections (conf >= {INT8_NMS[0]} after NMS) on the "
+              f"{images} again (same class, IoU >= {INT8_MATCH_IOU}): {share:.1%}")
+    if share >= INT8_KEPT:
+        LOGGER.info(f"{colorstr('INT8:')} check passed: {figure}")
+    else:
+        LOGGER.warning(f"WARNING INT8 check below {INT8_KEPT:.0%}: {figure}. The file is kept; measure its mAP with "
+                       "val.py before deploying it")
+    return share
+
+
+def export_int8(fmt: str, model: nn.Module, im: torch.Tensor, weights: Path, calib: CalibrationImages,
+                data: str | Path, dynamic: bool = False) -> Path:
+    """Quantize the float32 ``fmt`` export of ``weights`` into its <name>_int8 sibling, then check it."""
+    source, target = export_path(weights, fmt), export_path(weights, fmt, int8=True)
+    label = colorstr(f"{LABELS[fmt]} INT8:")
+    method = ("onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations" if fmt == "onnx"
+              else f"nncf {require('nncf', purpose='OpenVINO INT8 export').__version__} quantize: mixed preset, "
+                   "symmetric int8 weights, asymmetric 8-bit activations")
+    LOGGER.info(f"\n{label} quantizing {source.name} into {target.name} ({method})")
+    meta = {**export_metadata(model, im, dynamic), "precision": "int8",
+            "calibration": {"data": str(data), "split": "train", "images": len(calib) * calib.shape[0],
+                            "method": method}}
+    quantize = quantize_onnx if fmt == "onnx" else quantize_openvino
+
+    def write():
+        quantize(source, target, calib, meta)
+        check_int8(target, model, calib)
+
+    return guarded(label, target, write)
 
 
 def usage_lines(files: list[Path], imgsz: list[int], data: str | None, half: bool) -> str:
@@ -300,7 +605,22 @@ def load_folded(weights: Path, device: torch.device, data: str | Path | None = N
 
 
 def known_format(fmt) -> str | None:
-    return None if str(fmt).lower() in FORMATS else f"not supported here; choose from {', '.join(FORMATS)}"
+    """None for a format this script writes (and whose package imports); else why not, in one line."""
+    fmt, written = str(fmt).lower(), ", ".join(FORMATS)
+    if fmt == "openvino":
+        return missing_package("openvino")
+    if fmt in FORMATS:
+        return None
+    if fmt == "engine" and missing_package("tensorrt"):
+        return f"TensorRT engines are not written by this export.py, and tensorrt is not installed; it writes {written}"
+    if fmt in NOT_WRITTEN:
+        return f"{NOT_WRITTEN[fmt]} (upstream YOLOv5's {fmt}) are not written by this export.py; it writes {written}"
+    return f"not supported here; choose from {written}"
+
+
+def includes(opt: argparse.Namespace, formats) -> bool:
+    """Whether --include names one of ``formats``."""
+    return bool({str(f).lower() for f in opt.include or ()} & set(formats))
 
 
 EXPORT_RULES = {  # flag -> rule; checked in this order, before the checkpoint is loaded
@@ -311,13 +631,23 @@ EXPORT_RULES = {  # flag -> rule; checked in this order, before the checkpoint i
     "--device": device_spec,
     "--opset": between(*OPSETS),
     "--include": each(known_format),
+    "--calib-images": whole(1),
 }
 EXPORT_COMBINATIONS = (
     Combination(("--half", "--device"), lambda o: o.half and on_cpu(o.device),
                 "float16 exports need a CUDA device (e.g. --device 0)"),
     Combination(("--half", "--dynamic"), lambda o: o.half and o.dynamic, "cannot be combined: pick one of them"),
-    Combination(("--simplify", "--include"), lambda o: o.simplify and "onnx" not in map(str.lower, map(str, o.include)),
+    Combination(("--simplify", "--include"), lambda o: o.simplify and not includes(o, ["onnx"]),
                 "--simplify works on ONNX graphs: add onnx to --include"),
+    Combination(("--half", "--include"), lambda o: o.half and includes(o, ["openvino"]),
+                "OpenVINO IR is written in float32 (--int8 makes a smaller, faster one): drop --half"),
+    Combination(("--int8", "--include"), lambda o: o.int8 and not includes(o, INT8_FORMATS),
+                f"INT8 models are written for {' and '.join(INT8_FORMATS)}: add one of them to --include"),
+    Combination(("--int8",), lambda o: o.int8 and not o.data,
+                "INT8 calibration takes images from a dataset: add --data DATA.yaml (its train split is used)"),
+    Combination(("--int8", "--half"), lambda o: o.int8 and o.half, "INT8 is quantized from float32: drop --half"),
+    Combination(("--int8", "--include"), lambda o: o.int8 and includes(o, ["openvino"]) and missing_package("nncf"),
+                lambda o: f"OpenVINO INT8 needs NNCF: {missing_package('nncf')}"),
 )
 
 
@@ -338,8 +668,11 @@ def run(
     simplify: bool = False,
     opset: int = DEFAULT_OPSET,
     data: str | Path | None = None,
+    int8: bool = False,
+    calib_images: int = DEFAULT_CALIB_IMAGES,
 ) -> list[Path]:
-    """Export ``weights`` to each format in ``include``; returns the written files."""
+    """Export ``weights`` to each format in ``include`` (and, with ``int8``, INT8 ONNX/OpenVINO models calibrated
+    on ``calib_images`` train images of ``data``); returns the written files and folders."""
     weights = weights or newest_best()
     check_export_options(argparse.Namespace(**locals()))  # the arguments, checked as the command line's are
     t = time.time()
@@ -357,15 +690,18 @@ def run(
         shape = tuple(model(im).shape)
     LOGGER.info(f"\n{colorstr('PyTorch:')} {weights} ({file_size(weights):.1f} MB) loaded and folded; "
                 f"output {shape} for input {tuple(im.shape)}")
+    calib = calibration_images(data, calib_images, tuple(im.shape)) if int8 else None
     files, failures = [], []
     for fmt in include:
         try:
-            files.append(export_one(fmt, model, im, weights.with_suffix(FORMATS[fmt]), opset, dynamic, simplify))
+            files.append(export_one(fmt, model, im, export_path(weights, fmt), opset, dynamic, simplify))
+            if int8 and fmt in INT8_FORMATS:
+                files.append(export_int8(fmt, model, im, weights, calib, data, dynamic))
         except ExportError as e:
             failures.append(str(e))
     if failures:
         raise ExportError("export failed: " + "; ".join(failures))
-    LOGGER.info(f"\n{len(files)} file(s) exported in {time.time() - t:.1f}s to "
+    LOGGER.info(f"\n{len(files)} model(s) exported in {time.time() - t:.1f}s to "
                 f"{colorstr('bold', weights.parent.resolve())}\n"
                 f"{usage_lines(files, imgsz, str(data) if data else None, half)}")
     return files
@@ -374,7 +710,8 @@ def run(
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default=None,
-                        help="data YAML supplying class names when the checkpoint has only placeholders")
+                        help="data YAML: class names when the checkpoint has only placeholders, and the images that "
+                             "calibrate --int8")
     parser.add_argument("--weights", type=str, default=None,
                         help="the .pt checkpoint to export (default: the newest runs/train/*/weights/best.pt)")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640, 640],
@@ -386,7 +723,14 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dynamic", action="store_true", help="accept any batch size and image size")
     parser.add_argument("--simplify", action="store_true", help="ONNX: run onnxslim (or onnxsim) on the graph")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX: operator set version to target")
-    parser.add_argument("--include", nargs="+", default=["torchscript"], help="formats to write: torchscript, onnx")
+    parser.add_argument("--include", nargs="+", default=["torchscript"],
+                        help=f"formats to write: {', '.join(FORMATS)} (OpenVINO IR: a <name>{OPENVINO_SUFFIX} "
+                             f"folder). Upstream YOLOv5's {', '.join(NOT_WRITTEN)} are not written")
+    parser.add_argument("--int8", action="store_true",
+                        help="also write post-training INT8 models of the onnx/openvino exports (<name>_int8.onnx: "
+                             "ONNX Runtime; <name>_int8_openvino_model: NNCF), calibrated on --data images")
+    parser.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES,
+                        help="--int8: how many train images of --data calibrate the quantization")
     return parser.parse_checked(argv, check_export_options, fill=fill_weights)
 
 

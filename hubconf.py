@@ -79,8 +79,9 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
 
 def custom(path: str = "path/to/model.pt", autoshape: bool = True, _verbose: bool = True, device=None,
            backbone_weights: str | None = None, classes: int | None = None):
-    """A trained model from a local .pt (ours or upstream YOLOv5's, read safely), .torchscript or .onnx file, or a
-    new one from a model YAML (``classes`` sets its class count).
+    """A trained model from a local .pt (ours or upstream YOLOv5's, read safely), .torchscript or .onnx file or
+    OpenVINO folder (``*_openvino_model``, or its .xml), or a new one from a model YAML (``classes`` sets its class
+    count).
 
     ``backbone_weights``: a published backbone checkpoint (official RepLKNet, RevCol, RepVGG, RepGhostNet, DAMO-YOLO,
     or timm) loaded into the .pt or YAML model's matching rows. ``autoshape=False`` returns the bare model: a

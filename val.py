@@ -3,6 +3,7 @@
 Usage:
     python val.py --weights runs/train/exp/weights/best.pt --data data/BCCD.yaml --img 320
     python val.py --weights best.onnx --data data/shapes.yaml
+    python val.py --weights best_int8_openvino_model --data data/shapes.yaml   # OpenVINO (INT8) export folder
 
 ``evaluate(model, dataloader, names)`` is the evaluation itself (train.py calls it after every epoch); ``run()`` is
 the command: it loads the weights and the dataset, then evaluates.
@@ -23,7 +24,7 @@ from tqdm import tqdm
 if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: make the repository importable
     sys.path.append(str(Path(__file__).resolve().parent))
 
-from models.backend import SUFFIXES, InferenceBackend, Stopwatch, mean_ms, speed_summary  # noqa: E402
+from models.backend import InferenceBackend, Stopwatch, mean_ms, speed_summary, weights_rule  # noqa: E402
 from utils.boxes import scale_boxes, xywh2xyxy  # noqa: E402
 from utils.checkpoint import fill_weights, newest_best  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
@@ -34,7 +35,7 @@ from utils.general import (  # noqa: E402
 from utils.metrics import ConfusionMatrix, ap_per_class, process_batch  # noqa: E402
 from utils.nms import non_max_suppression  # noqa: E402
 from utils.options import (  # noqa: E402
-    Combination, OptionParser, check_options, device_spec, found, fraction, not_empty, on_cpu, one_of, suffix, whole,
+    Combination, OptionParser, check_options, device_spec, found, fraction, not_empty, on_cpu, one_of, whole,
 )
 from utils.plots import output_to_target, plot_images  # noqa: E402
 from utils.predictions import save_one_json, save_one_txt, write_and_score_json  # noqa: E402
@@ -289,7 +290,7 @@ def run(data: str | Path | dict, weights: str | Path | None = None, batch_size: 
 
 VAL_RULES = {  # flag -> rule; checked in this order, before anything is loaded
     "--data": found(data_yaml_file, "data YAML not found (a path, or a file name in data/)"),
-    "--weights": suffix(*SUFFIXES),
+    "--weights": weights_rule,
     "--batch-size": whole(1),
     "--imgsz": whole(1),
     "--conf-thres": fraction(),
@@ -317,8 +318,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = OptionParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=str, default=ROOT / "data/shapes.yaml", help="data YAML (path or name)")
     parser.add_argument("--weights", nargs="+", type=str, default=None,
-                        help="weights to evaluate: .pt, .torchscript or .onnx, several in turn (default: the newest "
-                             "runs/train/*/weights/best.pt)")
+                        help="weights to evaluate: .pt, .torchscript, .onnx or an OpenVINO folder, several in turn "
+                             "(default: the newest runs/train/*/weights/best.pt)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="longest image side, pixels")
     parser.add_argument("--conf-thres", type=float, default=0.001, help="lowest confidence kept before NMS")

@@ -1,4 +1,5 @@
-"""Inference on any exported model: our ``.pt`` checkpoints, TorchScript and ONNX (ONNX Runtime or OpenCV DNN).
+"""Inference on any exported model: our ``.pt`` checkpoints, TorchScript, ONNX (ONNX Runtime or OpenCV DNN) and
+OpenVINO IR (a ``*_openvino_model`` folder, or the ``.xml`` inside it; INT8 exports included).
 
 - ``InferenceBackend``: weights file -> decoded predictions (b, n, 5 + nc) in input pixels (val.py, detect.py).
 - ``AutoShape``: the torch.hub wrapper: file paths, PIL images, numpy arrays (RGB) or lists of them in,
@@ -8,13 +9,15 @@
   ``[box, conf, class]``).
 
 Exported files carry ``stride`` and ``names`` (and the traced input ``shape``) as JSON: ONNX in the
-``metadata`` entry of its metadata_props, TorchScript in the ``config.txt`` extra file (see export.py).
+``metadata`` entry of its metadata_props, TorchScript in the ``config.txt`` extra file (see export.py); an
+OpenVINO folder as ``metadata.yaml`` beside the IR (upstream YOLOv5's layout, which this also reads).
 """
 
 from __future__ import annotations
 
 import ast
 import copy
+import importlib
 import json
 import os
 import re
@@ -33,12 +36,17 @@ from utils.augmentations import letterbox
 from utils.boxes import scale_boxes, xyxy2xywh
 from models.loading import load_model
 from utils.checkpoint import CheckpointError
-from utils.general import LOGGER, ROOT, UserInputError, increment_path, is_url, make_divisible, yaml_load
+from utils.general import (
+    LOGGER, ROOT, UserInputError, first_line, increment_path, is_url, make_divisible, yaml_load,
+)
 from utils.nms import non_max_suppression
 from utils.plots import Annotator, colors, save_one_box
 from utils.torch_utils import convs_channels_last, time_sync
 
 SUFFIXES = (".pt", ".torchscript", ".onnx")
+OPENVINO_SUFFIX = "_openvino_model"  # an OpenVINO export is the folder <name>_openvino_model/ holding <name>.xml/.bin
+OPENVINO_METADATA_FILE = "metadata.yaml"
+WEIGHTS_FORMATS = ".pt, .torchscript, .onnx, or an OpenVINO folder (*_openvino_model) or its .xml"
 ONNX_METADATA_KEY = "metadata"
 TORCHSCRIPT_METADATA_FILE = "config.txt"
 DEFAULT_STRIDE = 32  # for foreign exports without metadata
@@ -66,6 +74,58 @@ def onnx_metadata_text(props: dict[str, str]) -> str | None:
     return None
 
 
+def missing_package(module: str, package: str | None = None) -> str | None:
+    """None when ``module`` imports; else one line saying it is missing and how to install ``package``."""
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        return f"the {package or module} package is missing or broken ({first_line(e)}); install it with: " \
+               f"pip install {package or module}"
+    return None
+
+
+def require(module: str, package: str | None = None, purpose: str = ""):
+    """``module``, imported; a one-line UserInputError (naming ``purpose``) with the pip command when it fails."""
+    if reason := missing_package(module, package):
+        raise UserInputError(f"{purpose}: {reason}" if purpose else reason)
+    return importlib.import_module(module)
+
+
+def weights_kind(weights: str | Path) -> str | None:
+    """'.pt', '.torchscript', '.onnx' or 'openvino' (a *_openvino_model folder, any folder, or an .xml) for a
+    weights path; None for anything else. Only the name is looked at, except that an existing folder is OpenVINO."""
+    path = Path(weights)
+    if path.suffix.lower() in SUFFIXES:
+        return path.suffix.lower()
+    if path.suffix.lower() == ".xml" or path.name.endswith(OPENVINO_SUFFIX) or path.is_dir():
+        return "openvino"
+    return None
+
+
+def weights_rule(value) -> str | None:
+    """Option rule for --weights of val.py and detect.py: every path is a model format InferenceBackend runs."""
+    for path in map(str, value if isinstance(value, (list, tuple)) else [value]):
+        if path and weights_kind(path) is None:
+            return f"expected {WEIGHTS_FORMATS}"
+    return None
+
+
+def openvino_xml(weights: Path) -> Path:
+    """The IR .xml of an OpenVINO export given as its folder or as the .xml itself."""
+    if weights.suffix.lower() == ".xml":
+        if not weights.is_file():
+            raise CheckpointError(f"{weights}: OpenVINO IR file not found")
+        return weights
+    if not weights.is_dir():
+        raise CheckpointError(f"{weights}: OpenVINO model folder not found")
+    found = sorted(weights.glob("*.xml"))
+    preferred = [f for f in found if f.stem + OPENVINO_SUFFIX == weights.name]
+    if len(found) != 1 and len(preferred) != 1:
+        what = "no .xml IR file" if not found else f"{len(found)} .xml files (pass the one to use)"
+        raise CheckpointError(f"{weights}: {what} in this OpenVINO folder")
+    return preferred[0] if len(preferred) == 1 else found[0]
+
+
 def names_from_data(data: str | Path) -> dict[int, str]:
     """Class names of a data YAML (path as given, or under the repository root or data/), without building it."""
     for path in (Path(data), ROOT / data, ROOT / "data" / data):
@@ -85,9 +145,10 @@ class InferenceBackend(nn.Module):
     """Runs a detector from a weights file and returns the decoded predictions (b, n, 5 + nc), pixels.
 
     ``.pt`` models are folded (``fuse``) first, and on the CPU run channels-last (NHWC, oneDNN's preferred
-    layout; see docs/BENCHMARKS.md); ``.torchscript`` and ``.onnx`` files carry stride and names
-    as metadata (``data``: a data YAML whose names are used for files without it). ``fp16`` runs half
-    precision (CUDA only). ``dnn`` runs ONNX files with OpenCV DNN instead of ONNX Runtime.
+    layout; see docs/BENCHMARKS.md); ``.torchscript`` and ``.onnx`` files and OpenVINO folders carry stride
+    and names as metadata (``data``: a data YAML whose names are used for files without it). ``fp16`` runs half
+    precision (CUDA only). ``dnn`` runs ONNX files with OpenCV DNN instead of ONNX Runtime. OpenVINO IR runs
+    on the CPU in float32 (INT8 layers of quantized IR in int8), whatever ``device`` says for the output.
     ``static_shape`` is the (b, 3, h, w) input a fixed-shape export needs (None: any shape); larger or
     smaller batches are run in chunks of b.
     """
@@ -96,15 +157,15 @@ class InferenceBackend(nn.Module):
                  fuse: bool = True, dnn: bool = False, data: str | Path | None = None):
         super().__init__()
         w = Path(weights)
-        if w.suffix not in SUFFIXES:
-            raise CheckpointError(f"{w}: unsupported weights format (use one of {', '.join(SUFFIXES)})")
-        if not w.is_file():
+        self.kind = weights_kind(w)
+        if self.kind is None:
+            raise CheckpointError(f"{w}: unsupported weights format (use {WEIGHTS_FORMATS})")
+        if self.kind != "openvino" and not w.is_file():
             raise CheckpointError(f"{w}: weights file not found")
         self.device = torch.device(device)
         self.fp16 = fp16 and self.device.type == "cuda"
-        self.kind = w.suffix
         self.static_shape: tuple[int, ...] | None = None
-        self.session = self.net = None  # ONNX: an ONNX Runtime session, or an OpenCV DNN net with ``dnn``
+        self.session = self.net = self.compiled = None  # ONNX Runtime session, OpenCV DNN net, OpenVINO model
         self.channels_last = self.kind == ".pt" and self.device.type == "cpu"
         if self.kind == ".pt":
             self.model = load_model(w, self.device, fuse=fuse)
@@ -113,7 +174,9 @@ class InferenceBackend(nn.Module):
                 convs_channels_last(self.model)
             self.stride, self.names = int(self.model.stride.max()), self.model.names
             return
-        text = self._load_torchscript(w) if self.kind == ".torchscript" else self._load_onnx(w, dnn)
+        loaders = {".torchscript": self._load_torchscript, ".onnx": lambda f: self._load_onnx(f, dnn),
+                   "openvino": self._load_openvino}
+        text = loaders[self.kind](w)
         if text is None and data is not None:
             LOGGER.warning(f"WARNING {w} has no metadata: names from {data}, stride {DEFAULT_STRIDE}")
             text = json.dumps({"stride": DEFAULT_STRIDE, "names": names_from_data(data)})
@@ -156,6 +219,20 @@ class InferenceBackend(nn.Module):
         self.static_shape = tuple(dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
         return onnx_metadata_text(props)
 
+    def _load_openvino(self, w: Path) -> str | None:
+        """Compile the IR for the CPU in float32 (bf16 is OpenVINO's default on some CPUs); returns the metadata."""
+        ov = require("openvino", purpose=f"{w} is an OpenVINO model")
+        xml = openvino_xml(w)
+        core = ov.Core()
+        network = core.read_model(str(xml))
+        config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+        self.compiled = core.compile_model(network, "CPU", config)
+        shape = network.inputs[0].get_partial_shape()
+        self.static_shape = tuple(int(d) for d in shape.to_shape()) if shape.is_static else None
+        self.fp16 = False
+        meta = xml.parent / OPENVINO_METADATA_FILE
+        return json.dumps(yaml_load(meta)) if meta.is_file() else None
+
     def forward(self, im: torch.Tensor, augment: bool = False, visualize: bool | Path = False) -> torch.Tensor:
         """Decoded predictions; ``augment`` (TTA) and ``visualize`` apply to ``.pt`` models only."""
         if self.kind == ".pt":
@@ -183,7 +260,7 @@ class InferenceBackend(nn.Module):
             y = self.model(im.half() if self.fp16 else im.float())
             return (y[0] if isinstance(y, (list, tuple)) else y).float()
         host_input = im.detach().to("cpu", torch.float16 if self.fp16 else torch.float32).numpy()
-        out = self._run_onnx(host_input)
+        out = self.compiled(host_input)[0] if self.compiled is not None else self._run_onnx(host_input)
         return torch.as_tensor(np.asarray(out), device=self.device).to(torch.float32)
 
     def _run_onnx(self, host_input: np.ndarray) -> np.ndarray:

@@ -192,8 +192,10 @@ def test_export_fails_when_outputs_differ(checkpoint, monkeypatch):
 
 def test_export_rejects_bad_requests(tmp_path: Path, checkpoint):
     path, _ = checkpoint
-    with pytest.raises(UserInputError, match="--include openvino: not supported"):
-        export.run(weights=path, include=["openvino"])
+    with pytest.raises(UserInputError, match="--include tflite: TensorFlow Lite models .* are not written"):
+        export.run(weights=path, include=["tflite"])
+    with pytest.raises(UserInputError, match="--include mxnet: not supported here; choose from torchscript, onnx"):
+        export.run(weights=path, include=["mxnet"])
     with pytest.raises(UserInputError, match="--half with --device cpu: float16 exports need a CUDA device"):
         export.run(weights=path, include=["onnx"], half=True, device="cpu")
     with pytest.raises(UserInputError, match="file not found"):
