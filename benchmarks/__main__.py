@@ -18,6 +18,8 @@ TASKS = {
     "upstream": ("upstream_compare", "val.py, detect.py and train.py against an upstream YOLOv5 install"),
     "memory-format": ("memory_format", "channels-last against NCHW: inference and training-step times of one model"),
     "memory-format-ab": ("memory_format_ab", "matched train.py runs, channels-last against NCHW: accuracy"),
+    "deploy": ("deploy", "per checkpoint: mAP and batch-1 latency in PyTorch, ONNX Runtime and OpenVINO, FP32 and INT8"),
+    "gpu": ("gpu", "on a CUDA machine: AMP training, --half val/detect, ORT CUDA, TensorRT, cuDNN large kernels"),
 }
 DEFAULT_TASK = "models"
 
