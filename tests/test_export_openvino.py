@@ -221,12 +221,28 @@ def test_int8_option_errors(workspace):
         export.run(weights=weights, include=["onnx"], int8=True, data=workspace["data"], calib_images=0)
 
 
-def test_missing_openvino_is_one_line_with_the_install_command(workspace, monkeypatch):
-    monkeypatch.setitem(sys.modules, "openvino", None)  # makes `import openvino` fail
-    with pytest.raises(UserInputError, match=r"^--include openvino: the openvino package .*pip install openvino$"):
-        export.run(weights=workspace["weights"], include=["openvino"])
-    with pytest.raises(UserInputError, match=r"x_openvino_model is an OpenVINO model: .*pip install openvino$"):
-        InferenceBackend(workspace["root"] / "x_openvino_model")
+MISSING_OPENVINO = """
+import sys
+sys.modules["openvino"] = None  # makes `import openvino` fail, before anything imports it
+import pytest
+import export
+from models.backend import InferenceBackend
+from utils.general import UserInputError
+with pytest.raises(UserInputError, match=r"^--include openvino: the openvino package .*pip install openvino$"):
+    export.run(weights=sys.argv[1], include=["openvino"])
+with pytest.raises(UserInputError, match=r"x_openvino_model is an OpenVINO model: .*pip install openvino$"):
+    InferenceBackend(sys.argv[2])
+print("both refused")
+"""
+
+
+def test_missing_openvino_is_one_line_with_the_install_command(workspace):
+    """In a subprocess: hiding an already imported native package from sys.modules, then letting it be imported
+    again, corrupts the test process's heap (a crash in later tests)."""
+    out = subprocess.run([sys.executable, "-c", MISSING_OPENVINO, str(workspace["weights"]),
+                          str(workspace["root"] / "x_openvino_model")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and "both refused" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
 
 
 REFUSALS = {
