@@ -27,14 +27,3 @@ def yolov5_logs_reach_caplog():
     yield
     logger.propagate = propagate
 
-
-RUN_LAST = ("test_export_openvino.py",)
-"""Modules run after all others. After OpenVINO and NNCF have converted, compiled and quantized models in the
-pytest process, a later DataLoader with worker processes followed by test_ddp's subprocesses crashes the process
-(a corrupted Python heap, segfault); reproduce with
-``pytest tests/test_export_openvino.py tests/test_data.py tests/test_ddp.py``. The cause is not found yet (not
-the import alone, not OpenVINO's shared input buffers); the OpenVINO tests run last so they have no later victim."""
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.path.name in RUN_LAST)  # stable: the order within each group is kept
