@@ -123,8 +123,8 @@ def read_checkpoint_file(path: str | Path) -> object:
         what = found.group(1) if found else _first_line(e)
         raise CheckpointError(
             f"{path}: refused, it holds Python objects beyond tensors ({what}), and unpickling those can run code; "
-            "if you trust the file, save just its weights: torch.save(torch.load(F, weights_only=False)['model'], "
-            "'weights.pth')") from None
+            "save the weights alone as a state_dict (name -> tensor) from the environment that wrote the file") \
+            from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint, truncated or corrupt ({_first_line(e)})") \
             from None
@@ -171,8 +171,8 @@ def identify_format(state: Mapping[str, torch.Tensor], source: str | Path,
         if fmt.recognise(state):
             return fmt
     first = ", ".join(list(state)[:3])
-    raise CheckpointError(f"{source}: not a checkpoint of a known family ({', '.join(f.name for f in formats)}, "
-                          f"timm); its first keys are {first}")
+    raise CheckpointError(f"{source}: not a checkpoint of a known family ({', '.join(f.name for f in formats)}; "
+                          f"timm files load into TimmBackbone rows); its first keys are {first}")
 
 
 # ------------------------------------------------------------------------------------------------- loading
