@@ -55,7 +55,7 @@ INT8_FORMS = ("ort-int8", "ov-int8")
 
 def columns(sizes: list[int]) -> list[str]:
     return ["model", "form", "map50_95", "map50", *(f"ms_{s}" for s in sizes), "delta_map_points",
-            *(f"speedup_vs_ort_fp32_{s}" for s in sizes), "flag", "error"]
+            *(f"speedup_vs_ort_fp32_{s}" for s in sizes), "agreement_iou_0.9", "agreement_iou_0.5", "flag", "error"]
 
 
 # ----------------------------------------------------------------------------------------------------- training
@@ -133,9 +133,10 @@ def measure_map(file: Path, opt: argparse.Namespace, out_dir: Path) -> tuple[flo
     """(mAP@0.5:0.95, mAP@0.5) of ``file`` with val.py's run() on the val split at --img."""
     import val
 
+    # workers=0: no DataLoader processes forked from this process, which has run OpenVINO and NNCF (forked
+    # workers after such work corrupted the parent's heap in the test suite); the val split is small
     results, _, _ = val.run(data=opt.data, weights=file, batch_size=opt.val_batch, imgsz=opt.img, device="cpu",
-                            workers=opt.workers, half=False, plots=False, project=out_dir, name="val",
-                            exist_ok=True)
+                            workers=0, half=False, plots=False, project=out_dir, name="val", exist_ok=True)
     return float(results[3]), float(results[2])
 
 
@@ -169,6 +170,8 @@ def model_rows(name: str, files: dict[int, dict[str, Path]], errors: list[str], 
             rows[form]["map50_95"], rows[form]["map50"] = measure_map(file, opt, file.parent / f"val-{form}")
         except Exception as e:
             add_error(rows[form], f"val: {type(e).__name__}: {first_line(e)}")
+        if form in INT8_FORMS:
+            add_agreement(rows[form], file)
     for size in opt.sizes:
         if size not in files:
             continue
@@ -179,6 +182,16 @@ def model_rows(name: str, files: dict[int, dict[str, Path]], errors: list[str], 
                 rows[form][f"ms_{size}"] = value
     compare(rows, opt)
     return list(rows.values())
+
+
+def add_agreement(row: dict, file: Path) -> None:
+    """The INT8 check's shares of FP32 detections found again (export.py records them in the model's metadata)."""
+    import export
+
+    figures = export.int8_check_figures(file) or {}
+    for key, column in (("share", "agreement_iou_0.9"), ("loose_share", "agreement_iou_0.5")):
+        if key in figures:
+            row[column] = float(figures[key])
 
 
 def add_error(row: dict, text: str) -> None:
@@ -203,14 +216,21 @@ def compare(rows: dict[str, dict], opt: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------------------- report
 
 
+def agreement_text(row: dict) -> str:
+    """'86.1% / 99.0%' from an INT8 row's check figures ('' for other rows)."""
+    shares = [row.get(k) for k in ("agreement_iou_0.9", "agreement_iou_0.5")]
+    return " / ".join(f"{100 * v:.1f}%" for v in shares) if all(isinstance(v, float) for v in shares) else ""
+
+
 def report_lines(rows: list[dict], opt: argparse.Namespace, header: list[str]) -> list[str]:
     """report.md: the command and machine, the table, the flagged INT8 losses and the errors."""
     sizes = opt.sizes
     table_header = ["model", "form", f"mAP@0.5:0.95 @{opt.img}", *(f"ms@{s}" for s in sizes),
-                    "delta mAP vs its FP32 (points)", *(f"INT8 speed-up vs ORT FP32 @{s}" for s in sizes)]
+                    "delta mAP vs its FP32 (points)", *(f"INT8 speed-up vs ORT FP32 @{s}" for s in sizes),
+                    "INT8 check: found @IoU 0.9 / 0.5"]
     body = [[r["model"], r["form"], fmt(r.get("map50_95")), *(fmt(r.get(f"ms_{s}")) for s in sizes),
-             fmt(r.get("delta_map_points"), 2), *(fmt(r.get(f"speedup_vs_ort_fp32_{s}"), 2) for s in sizes)]
-            for r in rows]
+             fmt(r.get("delta_map_points"), 2), *(fmt(r.get(f"speedup_vs_ort_fp32_{s}"), 2) for s in sizes),
+             agreement_text(r)] for r in rows]
     flagged = [f"- **{r['model']}, {r['form']}**: {r['flag']} of mAP@0.5:0.95 ({fmt(r.get('map50_95'))})"
                for r in rows if r.get("flag")]
     failed = [f"- {r['model']}, {r['form']}: {r['error']}" for r in rows if r.get("error")]
@@ -218,7 +238,10 @@ def report_lines(rows: list[dict], opt: argparse.Namespace, header: list[str]) -
              f"1, random input, {opt.threads} threads, median of {opt.runs} interleaved runs after {opt.warmup} "
              "warm-up. Exports are fixed-shape, one set per size; exported forms are scored with a square "
              "letterbox, the .pt model with val.py's rectangular batches. Delta: INT8 against the same runtime's "
-             "FP32 export, FP32 exports against PyTorch folded; speed-up: ORT FP32 ms / INT8 ms at that size."]
+             "FP32 export, FP32 exports against PyTorch folded; speed-up: ORT FP32 ms / INT8 ms at that size. "
+             "INT8 check: "
+             f"export.py's share of FP32 detections (conf >= 0.25) found again at IoU >= 0.9 and >= 0.5 on the "
+             f"calibration images at {opt.img}."]
     title = f"INT8 forms losing more than {opt.flag_points:g} point(s) of mAP@0.5:0.95:"
     return [*header, "", *notes, "", *markdown_table(table_header, body, "ll" + "r" * (len(table_header) - 2)), "",
             title, *(flagged or ["- none"]),
@@ -275,7 +298,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per form and size (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     parser.add_argument("--val-batch", type=int, default=16, help="val.py batch size")
-    parser.add_argument("--workers", type=int, default=2, help="data loader workers (train.py and val.py)")
+    parser.add_argument("--workers", type=int, default=2, help="--train: data loader workers of train.py")
     parser.add_argument("--flag-points", type=float, default=1.0, help="INT8 mAP@0.5:0.95 loss (points) to flag")
     parser.add_argument("--project", type=Path, default=OUTPUT_FOLDER / "deploy", help="exports and reports")
     opt = parser.parse_args(argv)

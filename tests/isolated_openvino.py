@@ -155,7 +155,7 @@ def test_val_and_detect_accept_openvino_paths(argv):
 
 def test_int8_exports_are_written_and_checked(workspace, int8_exports):
     """best.onnx, best_int8.onnx, the FP32 and the INT8 OpenVINO folder; metadata says int8; each INT8 model's
-    share of FP32 detections kept is logged with its counts."""
+    share of FP32 detections kept is logged with its counts and recorded in its metadata."""
     files, log = int8_exports
     assert [f.name for f in files] == ["best.onnx", "best_int8.onnx", "best_openvino_model", "best_int8_openvino_model"]
     onnx_meta = json.loads({p.key: p.value for p in onnx.load(str(files[1])).metadata_props}["metadata"])
@@ -169,6 +169,9 @@ def test_int8_exports_are_written_and_checked(workspace, int8_exports):
     for kept, total, share in figures:
         assert int(total) > 0 and 0 <= int(kept) <= int(total)
         assert float(share) == pytest.approx(100 * int(kept) / int(total), abs=0.05)
+    recorded = [export.int8_check_figures(f) for f in (files[1], files[3])]
+    assert [(str(r["found"]), str(r["fp32_detections"])) for r in recorded if r] == [f[:2] for f in figures]
+    assert all(r["loose_share"] >= r["share"] and r["iou"] == 0.9 for r in recorded if r)
     assert "calibrating on 4 of the 8 train images" in log
     quantized = {n.op_type for n in onnx.load(str(files[1])).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= quantized

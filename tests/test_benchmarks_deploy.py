@@ -58,7 +58,8 @@ def test_deploy_task_trains_exports_and_reports_five_forms(tiny_data, tmp_path):
 
     report = (tmp_path / "report.md").read_text()
     for text in ("command: python -m benchmarks", "| model | form | mAP@0.5:0.95 @64 | ms@64 | ms@96 |",
-                 "delta mAP vs its FP32", "| yolov5n | OpenVINO INT8 |", "INT8 forms losing more than 1 point"):
+                 "delta mAP vs its FP32", "| yolov5n | OpenVINO INT8 |", "INT8 forms losing more than 1 point",
+                 "INT8 check: found @IoU 0.9 / 0.5"):
         assert text in report, text
 
 
@@ -78,6 +79,11 @@ def test_compare_flags_int8_losses_and_speedups():
     report = "\n".join(deploy.report_lines(list(rows.values()), argparse.Namespace(
         sizes=[320], img=320, flag_points=1.0, data="d.yaml", threads=2, runs=3, warmup=1), []))
     assert "- **m, ort-int8**: INT8 loses 1.5 points of mAP@0.5:0.95 (0.485)" in report
+
+
+def test_agreement_column_shows_both_shares_of_int8_rows_only():
+    assert deploy.agreement_text({"agreement_iou_0.9": 0.8612, "agreement_iou_0.5": 0.99}) == "86.1% / 99.0%"
+    assert deploy.agreement_text({"form": "pytorch"}) == ""
 
 
 def test_deploy_options_need_checkpoints_and_are_registered():
