@@ -1,11 +1,13 @@
 """OpenVINO and INT8 export, and the OpenVINO/INT8 backends: the cases in tests/isolated_openvino.py, run in their own
 pytest process.
 
-After OpenVINO and NNCF have converted, compiled and quantized models inside the main pytest process, later tests
-that use DataLoader worker processes and DDP subprocesses crashed it (a corrupted Python heap, segfault), also when
-these cases ran last. Reproduce: rename isolated_openvino.py to test_*.py and run
-``pytest tests/isolated_openvino.py tests/test_data.py tests/test_ddp.py``. The cause is not found yet (not the import
-alone, not OpenVINO's shared input buffers); a single val.py or detect.py run on an OpenVINO model is unaffected.
+After OpenVINO has converted, compiled and run models inside the main pytest process, later tests that use
+DataLoader worker processes and DDP subprocesses crashed it (segfault), also when these cases ran last. Reproduce:
+rename isolated_openvino.py to test_*.py and run ``pytest <it> tests/test_data.py tests/test_ddp.py``. NNCF is not
+needed: the five float32 OpenVINO cases together crash it (3 of 3 runs), none of them alone does. Under gdb the main
+thread takes the SIGSEGV while it waits in poll() for the torchrun subprocess (faulthandler prints nothing;
+OpenVINO's TBB threads are alive); turning off subprocess's vfork changes nothing. The cause is not found; a single
+val.py or detect.py run on an OpenVINO model is unaffected.
 """
 
 from __future__ import annotations
