@@ -58,7 +58,7 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # run as a script: mak
 from models.yolo import Detect  # noqa: E402
 from models.backend import (  # noqa: E402
     ONNX_METADATA_KEY, OPENVINO_METADATA_FILE, OPENVINO_SUFFIX, TORCHSCRIPT_METADATA_FILE, InferenceBackend,
-    missing_package, names_from_data, openvino_xml, require,
+    missing_package, names_from_data, openvino_core, openvino_xml, require,
 )
 from models.loading import load_model  # noqa: E402
 from utils.augmentations import letterbox  # noqa: E402
@@ -493,10 +493,10 @@ def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata
 def quantize_openvino(source: Path, target: Path, calib: CalibrationImages, metadata: dict) -> Path:
     """NNCF post-training quantization of the OpenVINO model in folder ``source`` (symmetric int8 weights,
     asymmetric activations, NNCF's bias correction); the Detect head stays float (see float_head)."""
-    ov = require("openvino", purpose="OpenVINO INT8 export")
+    require("openvino", purpose="OpenVINO INT8 export")
     nncf = require("nncf", purpose="OpenVINO INT8 export")
     nncf.set_log_level(logging.WARNING)  # otherwise one line per operation left unquantized
-    network = ov.Core().read_model(str(openvino_xml(source)))
+    network = openvino_core().read_model(str(openvino_xml(source)))
     ignored = nncf.IgnoredScope(names=openvino_float_head(network), validate=False)
     quantized = nncf.quantize(network, nncf.Dataset(calib), preset=nncf.QuantizationPreset.MIXED,
                               subset_size=len(calib), ignored_scope=ignored)

@@ -133,10 +133,9 @@ def measure_map(file: Path, opt: argparse.Namespace, out_dir: Path) -> tuple[flo
     """(mAP@0.5:0.95, mAP@0.5) of ``file`` with val.py's run() on the val split at --img."""
     import val
 
-    # workers=0: no DataLoader processes forked from this process, which has run OpenVINO and NNCF (forked
-    # workers after such work corrupted the parent's heap in the test suite); the val split is small
     results, _, _ = val.run(data=opt.data, weights=file, batch_size=opt.val_batch, imgsz=opt.img, device="cpu",
-                            workers=0, half=False, plots=False, project=out_dir, name="val", exist_ok=True)
+                            workers=opt.workers, half=False, plots=False, project=out_dir, name="val",
+                            exist_ok=True)
     return float(results[3]), float(results[2])
 
 
@@ -298,7 +297,8 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=20, help="timed runs per form and size (median reported)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing")
     parser.add_argument("--val-batch", type=int, default=16, help="val.py batch size")
-    parser.add_argument("--workers", type=int, default=2, help="--train: data loader workers of train.py")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data loader workers of val.py (and of train.py with --train)")
     parser.add_argument("--flag-points", type=float, default=1.0, help="INT8 mAP@0.5:0.95 loss (points) to flag")
     parser.add_argument("--project", type=Path, default=OUTPUT_FOLDER / "deploy", help="exports and reports")
     opt = parser.parse_args(argv)

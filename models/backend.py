@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import importlib
 import json
 import os
@@ -89,6 +90,17 @@ def require(module: str, package: str | None = None, purpose: str = ""):
     if reason := missing_package(module, package):
         raise UserInputError(f"{purpose}: {reason}" if purpose else reason)
     return importlib.import_module(module)
+
+
+@functools.cache
+def openvino_core():
+    """The one OpenVINO Core of this process, for every model read and compiled here.
+
+    OpenVINO's CPU plugin, created by a Core's first compilation, gives the calling thread an alternate signal stack
+    and, when the Core goes, frees it and puts back the one it found. Cores that go in another order than they came
+    leave the thread on a freed stack, and the next signal handled there (Ctrl-C, or SIGCHLD once a DataLoader with
+    workers has run) kills the process or corrupts its heap. A single Core, kept until exit, makes a single plugin."""
+    return require("openvino", purpose="OpenVINO models").Core()
 
 
 def weights_kind(weights: str | Path) -> str | None:
@@ -221,9 +233,9 @@ class InferenceBackend(nn.Module):
 
     def _load_openvino(self, w: Path) -> str | None:
         """Compile the IR for the CPU in float32 (bf16 is OpenVINO's default on some CPUs); returns the metadata."""
-        ov = require("openvino", purpose=f"{w} is an OpenVINO model")
+        require("openvino", purpose=f"{w} is an OpenVINO model")
         xml = openvino_xml(w)
-        core = ov.Core()
+        core = openvino_core()
         network = core.read_model(str(xml))
         config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         self.compiled = core.compile_model(network, "CPU", config)
