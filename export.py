@@ -14,7 +14,7 @@ from that ONNX graph by ``openvino.convert_model``.
 
 ``--int8 --data DATA.yaml`` also writes post-training INT8 models, calibrated on images of the dataset's train
 split (``--calib-images``, letterboxed as detect.py feeds a fixed-shape model): ``<name>_int8.onnx`` (ONNX
-Runtime static quantization, QDQ, per-channel int8 weights, uint8 activations) and
+Runtime static quantization, QDQ, per-channel int8 weights, uint8 activations, bias correction) and
 ``<name>_int8_openvino_model/`` (NNCF). The Detect head (output convolutions and box decoding) stays float.
 The INT8 check runs both models on the calibration images and counts the FP32 detections (after NMS) found
 again by the INT8 model at IoU 0.9 (and, to tell box jitter from lost detections, at 0.5); below 95% it warns
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import logging
 import random
@@ -455,21 +456,93 @@ def openvino_float_head(network) -> list[str]:
     return sorted(float_head([op.get_friendly_name() for op in ops], successors, convs) - results)
 
 
+def conv_input_means(proto, convs: list, calib: CalibrationImages) -> dict[str, np.ndarray]:
+    """Per-channel mean of each of ``convs``' input tensors over the calibration images, in the float graph."""
+    import onnx
+    import onnxruntime
+    from onnx import helper, numpy_helper
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    opset = next(o.version for o in probe.opset_import if o.domain in ("", "ai.onnx"))
+    if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on, as an attribute before
+        probe.graph.initializer.append(numpy_helper.from_array(np.array([0, 2, 3], np.int64), "bias_fix_axes"))
+    tensors = sorted({node.input[0] for node in convs})
+    means = [f"bias_fix_mean_{k}" for k in range(len(tensors))]
+    for tensor, mean in zip(tensors, means):
+        probe.graph.node.append(helper.make_node("ReduceMean", [tensor, "bias_fix_axes"], [mean], keepdims=0)
+                                if opset >= 18 else
+                                helper.make_node("ReduceMean", [tensor], [mean], axes=[0, 2, 3], keepdims=0))
+        probe.graph.output.append(helper.make_tensor_value_info(mean, onnx.TensorProto.FLOAT, None))
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    sums, count = None, 0
+    for batch in calib:
+        values = session.run(means, {"images": batch})
+        sums = values if sums is None else [a + b for a, b in zip(sums, values)]
+        count += 1
+    return {tensor: total / count for tensor, total in zip(tensors, sums)}
+
+
+def quantized_conv_weights(qproto) -> dict[str, np.ndarray]:
+    """Conv node name -> its weights as a QDQ graph dequantizes them: (q - zero point) * scale, per channel."""
+    from onnx import numpy_helper
+
+    constants = {t.name: numpy_helper.to_array(t) for t in qproto.graph.initializer}
+    producer = {out: node for node in qproto.graph.node for out in node.output}
+    weights = {}
+    for node in qproto.graph.node:
+        dq = producer.get(node.input[1]) if node.op_type == "Conv" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in constants:
+            continue
+        q = constants[dq.input[0]].astype(np.float32)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        shape = [-1 if k == axis else 1 for k in range(q.ndim)]
+        zero = constants[dq.input[2]].astype(np.float32).reshape(shape) if len(dq.input) > 2 else 0.0
+        weights[node.name] = (q - zero) * constants[dq.input[1]].reshape(shape)
+    return weights
+
+
+def correct_conv_biases(proto, quantized: dict[str, np.ndarray], means: dict[str, np.ndarray]) -> int:
+    """Bias correction (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction", ICCV
+    2019; here with input means measured on the calibration images): subtract from each quantized conv's bias the
+    mean output shift that rounding its weights causes, i.e. per output channel the rounding error summed over the
+    taps of each input channel times that channel's mean input (exact away from zero padding). Returns the count."""
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in proto.graph.initializer}
+    corrected = 0
+    for node in proto.graph.node:
+        if node.name not in quantized or len(node.input) < 3 or node.input[2] not in constants:
+            continue
+        weight = numpy_helper.to_array(constants[node.input[1]])
+        groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+        error = (quantized[node.name] - weight).sum(axis=(2, 3)).reshape(groups, weight.shape[0] // groups, -1)
+        shift = (error * means[node.input[0]].reshape(groups, 1, -1)).sum(-1).reshape(-1)
+        bias = numpy_helper.to_array(constants[node.input[2]]) - shift.astype(np.float32)
+        constants[node.input[2]].CopyFrom(numpy_helper.from_array(bias, node.input[2]))
+        corrected += 1
+    return corrected
+
+
 def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata: dict) -> Path:
     """ONNX Runtime static quantization of ``source``: QDQ, per-channel int8 weights, uint8 activations (ONNX
-    Runtime's advice for x86 CPUs), min/max calibration; the Detect head stays float (see float_head)."""
+    Runtime's advice for x86 CPUs), min/max calibration, with bias correction of the quantized convolutions (NNCF
+    does the same for OpenVINO; folded RepVGG kernels lose most to weight rounding); the Detect head stays float
+    (see float_head)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(calib)
+        def __init__(self, batches: int | None = None):
+            self.batches = itertools.islice(calib, batches)
 
         def get_next(self):
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch}
 
+    settings = dict(quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         prepared = Path(tmp) / source.name
         try:  # shape inference and graph clean-up, which ONNX Runtime recommends before quantizing
@@ -479,14 +552,19 @@ def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata
                            "graph as exported")
             prepared = source
         proto = onnx.load(str(prepared))
-    excluded = onnx_float_head(proto)
+        excluded = onnx_float_head(proto)
+        first = Path(tmp) / "weights.onnx"  # the rounded weights, which do not depend on the calibration images
+        quantize_static(onnx.load(str(prepared)), str(first), Reader(1), nodes_to_exclude=excluded, **settings)
+        quantized = quantized_conv_weights(onnx.load(str(first)))
+    convs = [node for node in proto.graph.node if node.name in quantized]
+    count = correct_conv_biases(proto, quantized, conv_input_means(proto, convs, calib))
+    LOGGER.info(f"{colorstr('INT8:')} bias correction of {count} quantized convolutions")
     props = [p for p in proto.metadata_props if p.key != ONNX_METADATA_KEY]  # keeps the pre-processing mark
     del proto.metadata_props[:]
     proto.metadata_props.extend(props)
     entry = proto.metadata_props.add()
     entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(metadata)
-    quantize_static(proto, str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+    quantize_static(proto, str(target), Reader(), nodes_to_exclude=excluded, **settings)
     return target
 
 
@@ -594,7 +672,8 @@ def export_int8(fmt: str, model: nn.Module, im: torch.Tensor, weights: Path, cal
     """Quantize the float32 ``fmt`` export of ``weights`` into its <name>_int8 sibling, then check it."""
     source, target = export_path(weights, fmt), export_path(weights, fmt, int8=True)
     label = colorstr(f"{LABELS[fmt]} INT8:")
-    method = ("onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations" if fmt == "onnx"
+    method = ("onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations; bias correction"
+              if fmt == "onnx"
               else f"nncf {require('nncf', purpose='OpenVINO INT8 export').__version__} quantize: mixed preset, "
                    "symmetric int8 weights, asymmetric 8-bit activations")
     LOGGER.info(f"\n{label} quantizing {source.name} into {target.name} ({method})")

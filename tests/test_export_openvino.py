@@ -18,6 +18,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -197,6 +198,59 @@ def test_int8_exports_are_written_and_checked(workspace, int8_exports):
     assert "calibrating on 4 of the 8 train images" in log
     quantized = {n.op_type for n in onnx.load(str(files[1])).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= quantized
+    convs = sum(n.op_type == "Conv" for n in onnx.load(str(files[0])).graph.node) - 3  # all but Detect's three
+    assert f"bias correction of {convs} quantized convolutions" in log
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_bias_correction_restores_each_channels_mean_output(groups: int, tmp_path: Path):
+    """One conv (no padding, inputs with channel means far from 0) quantized by ONNX Runtime: with the corrected
+    bias, the rounded weights give the float conv's per-channel mean output; without it, they do not."""
+    from onnx import helper, numpy_helper
+    from onnxruntime import InferenceSession
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 1, (8, 4 // groups, 3, 3)).astype(np.float32)
+    weight[:, :, 1, 1] *= 20  # a folded RepVGG kernel's large centre tap: coarse steps for the other taps
+    conv = helper.make_node("Conv", ["images", "w", "b"], ["y"], name="conv", group=groups)
+    inputs = [helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 4, 12, 12])]
+    outputs = [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)]
+    constants = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(8, np.float32), "b")]
+    graph = helper.make_graph([conv], "g", inputs, outputs, constants)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    images = [(rng.random((1, 4, 12, 12)) * 4 + np.arange(1, 5).reshape(1, 4, 1, 1) * 3).astype(np.float32)
+              for _ in range(6)]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(images)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {"images": x}
+
+    copy = onnx.load_from_string(proto.SerializeToString())  # quantize_static changes the graph it is given
+    quantize_static(copy, str(tmp_path / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    rounded = export.quantized_conv_weights(onnx.load(str(tmp_path / "q.onnx")))["conv"]
+    assert 0 < np.abs(rounded - weight).max() <= np.abs(weight).max() / 127 / 2 + 1e-6
+
+    def mean_output(w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        model = onnx.ModelProto()
+        model.CopyFrom(proto)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend([numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+        session = InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.mean([session.run(None, {"images": x})[0].mean((0, 2, 3)) for x in images], 0)
+
+    means = export.conv_input_means(proto, list(proto.graph.node), images)
+    assert export.correct_conv_biases(proto, {"conv": rounded}, means) == 1
+    corrected = numpy_helper.to_array(proto.graph.initializer[1])
+    float_mean = mean_output(weight, np.zeros(8, np.float32))
+    uncorrected_error = np.abs(mean_output(rounded, np.zeros(8, np.float32)) - float_mean).max()
+    assert uncorrected_error > 1e-2
+    assert np.abs(mean_output(rounded, corrected) - float_mean).max() < uncorrected_error / 100
 
 
 def test_int8_onnx_keeps_the_detect_head_float(int8_exports):
