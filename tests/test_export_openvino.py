@@ -154,6 +154,7 @@ def test_openvino_models_dropped_in_load_order_leave_signals_working(openvino_fo
     (see models.backend.openvino_core). Run in a fresh interpreter, which a crash cannot take down with pytest."""
     code = textwrap.dedent(f"""
         import gc, os, signal, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
         from models.backend import InferenceBackend
         first, second = InferenceBackend({str(openvino_folder)!r}), InferenceBackend({str(openvino_folder)!r})
         del first; gc.collect()
