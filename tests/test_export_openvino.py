@@ -317,8 +317,7 @@ print("both refused")
 
 
 def test_missing_openvino_is_one_line_with_the_install_command(workspace):
-    """In a subprocess: hiding an already imported native package from sys.modules, then letting it be imported
-    again, corrupts the test process's heap (a crash in later tests)."""
+    """In a subprocess, so that hiding the openvino package from sys.modules stays out of the test process."""
     out = subprocess.run([sys.executable, "-c", MISSING_OPENVINO, str(workspace["weights"]),
                           str(workspace["root"] / "x_openvino_model")], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
