@@ -15,7 +15,8 @@ from that ONNX graph by ``openvino.convert_model``.
 ``--int8 --data DATA.yaml`` also writes post-training INT8 models, calibrated on images of the dataset's train
 split (``--calib-images``, letterboxed as detect.py feeds a fixed-shape model): ``<name>_int8.onnx`` (ONNX
 Runtime static quantization, QDQ, per-channel int8 weights, uint8 activations, bias correction) and
-``<name>_int8_openvino_model/`` (NNCF). The Detect head (output convolutions and box decoding) stays float.
+``<name>_int8_openvino_model/`` (NNCF). The Detect head (output convolutions and box decoding) stays float, and so
+do the model layers named by ``--int8-float`` (indices into the model YAML's backbone + head).
 The INT8 check runs both models on the calibration images and counts the FP32 detections (after NMS) found
 again by the INT8 model at IoU 0.9 (and, to tell box jitter from lost detections, at 0.5); below 95% it warns
 (the file is kept: measure it with val.py). The figures go into the INT8 model's metadata as ``int8_check``.
@@ -41,6 +42,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -85,6 +87,7 @@ NOT_WRITTEN = {  # the other --include formats of upstream YOLOv5, refused with 
     "tfjs": "TensorFlow.js models", "paddle": "PaddlePaddle models",
 }
 DEFAULT_CALIB_IMAGES = 300
+LAYER_IN_NAME = re.compile(r"(?:^|/)model\.(\d+)(?=/|$)")  # the exporter's node names: /model/model.<layer>/...
 # INT8 check: FP32 detections (PyTorch, after NMS at INT8_NMS = (conf, IoU)) that the INT8 model finds again
 # (same class, box IoU >= INT8_MATCH_IOU); fewer than INT8_KEPT of them is reported with a warning.
 INT8_NMS = (0.25, 0.45)
@@ -456,6 +459,13 @@ def openvino_float_head(network) -> list[str]:
     return sorted(float_head([op.get_friendly_name() for op in ops], successors, convs) - results)
 
 
+def layer_nodes(names, layers) -> set[str]:
+    """Those of the graph node ``names`` that belong to the model layers ``layers`` (indices into the model YAML's
+    backbone + head list), as the ONNX exporter names them (``/model/model.<layer>/...``; OpenVINO keeps the names)."""
+    layers = set(layers)
+    return {n for n in names if (m := LAYER_IN_NAME.search(n)) and int(m.group(1)) in layers}
+
+
 def conv_input_means(proto, convs: list, calib: CalibrationImages) -> dict[str, np.ndarray]:
     """Per-channel mean of each of ``convs``' input tensors over the calibration images, in the float graph."""
     import onnx
@@ -524,11 +534,12 @@ def correct_conv_biases(proto, quantized: dict[str, np.ndarray], means: dict[str
     return corrected
 
 
-def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata: dict) -> Path:
+def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata: dict,
+                  float_layers: tuple[int, ...] = ()) -> Path:
     """ONNX Runtime static quantization of ``source``: QDQ, per-channel int8 weights, uint8 activations (ONNX
     Runtime's advice for x86 CPUs), min/max calibration, with bias correction of the quantized convolutions (NNCF
-    does the same for OpenVINO; folded RepVGG kernels lose most to weight rounding); the Detect head stays float
-    (see float_head)."""
+    does the same for OpenVINO; folded RepVGG kernels lose most to weight rounding); the Detect head and the model
+    layers ``float_layers`` stay float (see float_head)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -552,7 +563,7 @@ def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata
                            "graph as exported")
             prepared = source
         proto = onnx.load(str(prepared))
-        excluded = onnx_float_head(proto)
+        excluded = sorted(set(onnx_float_head(proto)) | layer_nodes([n.name for n in proto.graph.node], float_layers))
         first = Path(tmp) / "weights.onnx"  # the rounded weights, which do not depend on the calibration images
         quantize_static(onnx.load(str(prepared)), str(first), Reader(1), nodes_to_exclude=excluded, **settings)
         quantized = quantized_conv_weights(onnx.load(str(first)))
@@ -568,14 +579,18 @@ def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata
     return target
 
 
-def quantize_openvino(source: Path, target: Path, calib: CalibrationImages, metadata: dict) -> Path:
+def quantize_openvino(source: Path, target: Path, calib: CalibrationImages, metadata: dict,
+                      float_layers: tuple[int, ...] = ()) -> Path:
     """NNCF post-training quantization of the OpenVINO model in folder ``source`` (symmetric int8 weights,
-    asymmetric activations, NNCF's bias correction); the Detect head stays float (see float_head)."""
+    asymmetric activations, NNCF's bias correction); the Detect head and the model layers ``float_layers`` stay
+    float (see float_head)."""
     require("openvino", purpose="OpenVINO INT8 export")
     nncf = require("nncf", purpose="OpenVINO INT8 export")
     nncf.set_log_level(logging.WARNING)  # otherwise one line per operation left unquantized
     network = openvino_core().read_model(str(openvino_xml(source)))
-    ignored = nncf.IgnoredScope(names=openvino_float_head(network), validate=False)
+    names = [op.get_friendly_name() for op in network.get_ordered_ops() if op.get_type_name() != "Result"]
+    ignored = nncf.IgnoredScope(names=sorted(set(openvino_float_head(network)) | layer_nodes(names, float_layers)),
+                                validate=False)
     quantized = nncf.quantize(network, nncf.Dataset(calib), preset=nncf.QuantizationPreset.MIXED,
                               subset_size=len(calib), ignored_scope=ignored)
     return write_openvino(quantized, target, metadata)
@@ -668,22 +683,25 @@ def int8_check_figures(file: str | Path) -> dict | None:
 
 
 def export_int8(fmt: str, model: nn.Module, im: torch.Tensor, weights: Path, calib: CalibrationImages,
-                data: str | Path, dynamic: bool = False) -> Path:
-    """Quantize the float32 ``fmt`` export of ``weights`` into its <name>_int8 sibling, then check it."""
+                data: str | Path, dynamic: bool = False, float_layers: tuple[int, ...] = ()) -> Path:
+    """Quantize the float32 ``fmt`` export of ``weights`` into its <name>_int8 sibling (model layers
+    ``float_layers`` left float), then check it."""
     source, target = export_path(weights, fmt), export_path(weights, fmt, int8=True)
     label = colorstr(f"{LABELS[fmt]} INT8:")
     method = ("onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations; bias correction"
               if fmt == "onnx"
               else f"nncf {require('nncf', purpose='OpenVINO INT8 export').__version__} quantize: mixed preset, "
                    "symmetric int8 weights, asymmetric 8-bit activations")
+    if float_layers:
+        method += f"; model layers {' '.join(map(str, float_layers))} left float"
     LOGGER.info(f"\n{label} quantizing {source.name} into {target.name} ({method})")
     meta = {**export_metadata(model, im, dynamic), "precision": "int8",
             "calibration": {"data": str(data), "split": "train", "images": len(calib) * calib.shape[0],
-                            "method": method}}
+                            "method": method, "float_layers": list(float_layers)}}
     quantize = quantize_onnx if fmt == "onnx" else quantize_openvino
 
     def write():
-        quantize(source, target, calib, meta)
+        quantize(source, target, calib, meta, float_layers)
         figures = check_int8(target, model, calib)
         if figures:
             record_int8_check(target, figures)
@@ -747,6 +765,7 @@ EXPORT_RULES = {  # flag -> rule; checked in this order, before the checkpoint i
     "--opset": between(*OPSETS),
     "--include": each(known_format),
     "--calib-images": whole(1),
+    "--int8-float": each(whole(0)),
 }
 EXPORT_COMBINATIONS = (
     Combination(("--half", "--device"), lambda o: o.half and on_cpu(o.device),
@@ -761,6 +780,8 @@ EXPORT_COMBINATIONS = (
     Combination(("--int8",), lambda o: o.int8 and not o.data,
                 "INT8 calibration takes images from a dataset: add --data DATA.yaml (its train split is used)"),
     Combination(("--int8", "--half"), lambda o: o.int8 and o.half, "INT8 is quantized from float32: drop --half"),
+    Combination(("--int8-float", "--int8"), lambda o: o.int8_float and not o.int8,
+                "names layers to leave float in INT8 exports: add --int8 (and --data)"),
     Combination(("--int8", "--include"), lambda o: o.int8 and includes(o, ["openvino"]) and missing_package("nncf"),
                 lambda o: f"OpenVINO INT8 needs NNCF: {missing_package('nncf')}"),
 )
@@ -785,9 +806,11 @@ def run(
     data: str | Path | None = None,
     int8: bool = False,
     calib_images: int = DEFAULT_CALIB_IMAGES,
+    int8_float: list[int] | tuple[int, ...] | None = None,
 ) -> list[Path]:
     """Export ``weights`` to each format in ``include`` (and, with ``int8``, INT8 ONNX/OpenVINO models calibrated
-    on ``calib_images`` train images of ``data``); returns the written files and folders."""
+    on ``calib_images`` train images of ``data``, the model layers ``int8_float`` left float); returns the written
+    files and folders."""
     weights = weights or newest_best()
     check_export_options(argparse.Namespace(**locals()))  # the arguments, checked as the command line's are
     t = time.time()
@@ -795,6 +818,10 @@ def run(
     device = select_device(device)
     weights = Path(weights)
     model = load_folded(weights, device, data)
+    float_layers = tuple(sorted(set(int8_float or ())))
+    if float_layers and float_layers[-1] >= len(model.model):
+        raise UserInputError(f"--int8-float {float_layers[-1]}: {weights.name} has layers 0-{len(model.model) - 1} "
+                             "(its YAML's backbone, then head)")
     imgsz = [imgsz] * 2 if isinstance(imgsz, int) else list(imgsz) * (2 if len(imgsz) == 1 else 1)
     imgsz = check_img_size(imgsz, s=int(model.stride.max()))
     im = torch.zeros(batch_size, 3, *imgsz, device=device)
@@ -811,7 +838,7 @@ def run(
         try:
             files.append(export_one(fmt, model, im, export_path(weights, fmt), opset, dynamic, simplify))
             if int8 and fmt in INT8_FORMATS:
-                files.append(export_int8(fmt, model, im, weights, calib, data, dynamic))
+                files.append(export_int8(fmt, model, im, weights, calib, data, dynamic, float_layers))
         except ExportError as e:
             failures.append(str(e))
     if failures:
@@ -846,6 +873,9 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
                              "ONNX Runtime; <name>_int8_openvino_model: NNCF), calibrated on --data images")
     parser.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES,
                         help="--int8: how many train images of --data calibrate the quantization")
+    parser.add_argument("--int8-float", nargs="+", type=int, default=None, metavar="LAYER",
+                        help="--int8: model layers (indices into the model YAML's backbone + head) to leave in float "
+                             "in the INT8 models; closer to FP32, less speed-up")
     return parser.parse_checked(argv, check_export_options, fill=fill_weights)
 
 

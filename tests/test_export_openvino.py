@@ -299,6 +299,46 @@ def test_int8_option_errors(workspace):
         export.run(weights=weights, include=["torchscript"], int8=True, data=workspace["data"])
     with pytest.raises(UserInputError, match="--calib-images 0: must be a positive integer"):
         export.run(weights=weights, include=["onnx"], int8=True, data=workspace["data"], calib_images=0)
+    with pytest.raises(UserInputError, match="--int8-float 3 with --int8: names layers to leave float"):
+        export.run(weights=weights, include=["onnx"], int8_float=[3])
+    with pytest.raises(UserInputError, match="--int8-float -1: must be an integer >= 0"):
+        export.run(weights=weights, include=["onnx"], int8=True, data=workspace["data"], int8_float=[-1])
+    with pytest.raises(UserInputError, match=r"^--int8-float 25: best.pt has layers 0-24 \(its YAML's backbone"):
+        export.run(weights=weights, include=["onnx"], int8=True, data=workspace["data"], int8_float=[2, 25])
+
+
+def onnx_float_convs(file: Path) -> dict[str, bool]:
+    """Conv node name -> whether its weights are plain float (no DequantizeLinear in front of them)."""
+    proto = onnx.load(str(file))
+    producer = {out: node.op_type for node in proto.graph.node for out in node.output}
+    return {n.name: producer.get(n.input[1]) != "DequantizeLinear" for n in proto.graph.node if n.op_type == "Conv"}
+
+
+def openvino_float_convs(folder: Path) -> dict[str, bool]:
+    """Convolution name -> whether its weights are a plain constant (NNCF's compressed weights end in a Multiply)."""
+    network = export.openvino_core().read_model(str(export.openvino_xml(folder)))
+    return {op.get_friendly_name(): op.input_value(1).get_node().get_type_name() == "Constant"
+            for op in network.get_ordered_ops() if op.get_type_name() in ("Convolution", "GroupConvolution")}
+
+
+def test_int8_float_leaves_the_named_layers_float(workspace, tmp_path: Path):
+    """--int8-float 0 3: in both INT8 models every convolution of model layers 0 and 3 (yolov5n: two Conv layers)
+    keeps float weights, the other layers' are quantized (the Detect head's excepted); the metadata and the log
+    name the layers."""
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(workspace["weights"].read_bytes())
+    files = export.run(weights=weights, include=["onnx", "openvino"], imgsz=[96, 96], int8=True,
+                       data=workspace["data"], calib_images=4, int8_float=[3, 0])
+    for file, convs in ((files[1], onnx_float_convs(files[1])), (files[3], openvino_float_convs(files[3]))):
+        layer = {name: int(m.group(1)) for name in convs if (m := export.LAYER_IN_NAME.search(name))}
+        assert set(layer.values()) >= {0, 1, 3, 4} and len(layer) == len(convs)
+        float_layers = {layer[name] for name, is_float in convs.items() if is_float}
+        assert float_layers == {0, 3, 24}, (file.name, float_layers)  # 24: Detect, float in every INT8 export
+        assert all(convs[name] for name in convs if layer[name] in (0, 3))
+        meta = (json.loads({p.key: p.value for p in onnx.load(str(file)).metadata_props}["metadata"])
+                if file.suffix == ".onnx" else yaml_load(file / "metadata.yaml"))
+        assert meta["calibration"]["float_layers"] == [0, 3]
+        assert meta["calibration"]["method"].endswith("; model layers 0 3 left float")
 
 
 MISSING_OPENVINO = """
