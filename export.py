@@ -435,8 +435,9 @@ def float_head(order: list[str], successors: dict[str, list[str]], convs: set[st
     return head
 
 
-def onnx_float_head(proto) -> list[str]:
-    """float_head of an ONNX graph (every node named first: quantization excludes nodes by name)."""
+def onnx_float_nodes(proto, layers=()) -> list[str]:
+    """The nodes of an ONNX graph that INT8 exports leave float: float_head, and every node of the model layers
+    ``layers`` (see layer_nodes). Every node is named first: quantization excludes nodes by name."""
     for k, node in enumerate(proto.graph.node):
         node.name = node.name or f"{node.op_type}_{k}"
     producer = {out: node.name for node in proto.graph.node for out in node.output}
@@ -446,17 +447,19 @@ def onnx_float_head(proto) -> list[str]:
             if tensor in producer:
                 successors.setdefault(producer[tensor], []).append(node.name)
     convs = {node.name for node in proto.graph.node if node.op_type == "Conv"}
-    return sorted(float_head([node.name for node in proto.graph.node], successors, convs))
+    order = [node.name for node in proto.graph.node]
+    return sorted(float_head(order, successors, convs) | layer_nodes(order, layers))
 
 
-def openvino_float_head(network) -> list[str]:
-    """float_head of an OpenVINO model, as operation names (Result nodes left out)."""
+def openvino_float_nodes(network, layers=()) -> list[str]:
+    """onnx_float_nodes for an OpenVINO model, as operation names (Result nodes left out)."""
     ops = network.get_ordered_ops()
     successors = {op.get_friendly_name(): [target.get_node().get_friendly_name() for out in op.outputs()
                                            for target in out.get_target_inputs()] for op in ops}
     convs = {op.get_friendly_name() for op in ops if op.get_type_name() in ("Convolution", "GroupConvolution")}
     results = {op.get_friendly_name() for op in ops if op.get_type_name() == "Result"}
-    return sorted(float_head([op.get_friendly_name() for op in ops], successors, convs) - results)
+    order = [op.get_friendly_name() for op in ops]
+    return sorted((float_head(order, successors, convs) | layer_nodes(order, layers)) - results)
 
 
 def layer_nodes(names, layers) -> set[str]:
@@ -539,7 +542,7 @@ def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata
     """ONNX Runtime static quantization of ``source``: QDQ, per-channel int8 weights, uint8 activations (ONNX
     Runtime's advice for x86 CPUs), min/max calibration, with bias correction of the quantized convolutions (NNCF
     does the same for OpenVINO; folded RepVGG kernels lose most to weight rounding); the Detect head and the model
-    layers ``float_layers`` stay float (see float_head)."""
+    layers ``float_layers`` stay float (see onnx_float_nodes)."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -563,7 +566,7 @@ def quantize_onnx(source: Path, target: Path, calib: CalibrationImages, metadata
                            "graph as exported")
             prepared = source
         proto = onnx.load(str(prepared))
-        excluded = sorted(set(onnx_float_head(proto)) | layer_nodes([n.name for n in proto.graph.node], float_layers))
+        excluded = onnx_float_nodes(proto, float_layers)
         first = Path(tmp) / "weights.onnx"  # the rounded weights, which do not depend on the calibration images
         quantize_static(onnx.load(str(prepared)), str(first), Reader(1), nodes_to_exclude=excluded, **settings)
         quantized = quantized_conv_weights(onnx.load(str(first)))
@@ -583,14 +586,12 @@ def quantize_openvino(source: Path, target: Path, calib: CalibrationImages, meta
                       float_layers: tuple[int, ...] = ()) -> Path:
     """NNCF post-training quantization of the OpenVINO model in folder ``source`` (symmetric int8 weights,
     asymmetric activations, NNCF's bias correction); the Detect head and the model layers ``float_layers`` stay
-    float (see float_head)."""
+    float (see onnx_float_nodes)."""
     require("openvino", purpose="OpenVINO INT8 export")
     nncf = require("nncf", purpose="OpenVINO INT8 export")
     nncf.set_log_level(logging.WARNING)  # otherwise one line per operation left unquantized
     network = openvino_core().read_model(str(openvino_xml(source)))
-    names = [op.get_friendly_name() for op in network.get_ordered_ops() if op.get_type_name() != "Result"]
-    ignored = nncf.IgnoredScope(names=sorted(set(openvino_float_head(network)) | layer_nodes(names, float_layers)),
-                                validate=False)
+    ignored = nncf.IgnoredScope(names=openvino_float_nodes(network, float_layers), validate=False)
     quantized = nncf.quantize(network, nncf.Dataset(calib), preset=nncf.QuantizationPreset.MIXED,
                               subset_size=len(calib), ignored_scope=ignored)
     return write_openvino(quantized, target, metadata)

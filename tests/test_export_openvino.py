@@ -255,10 +255,18 @@ def test_bias_correction_restores_each_channels_mean_output(groups: int, tmp_pat
 
 
 def test_int8_onnx_keeps_the_detect_head_float(int8_exports):
-    """No quantize/dequantize node after the last convolutions: boxes and scores leave the model in float."""
+    """The last convolutions keep float weights and nothing from them on feeds a quantize node: boxes and scores
+    leave the model in float (the convolutions' input, the neck's output, is quantized like any other)."""
     proto = onnx.load(str(int8_exports[0][1]))
-    head = set(export.onnx_float_head(proto))
-    assert head and not {n.op_type for n in proto.graph.node if n.name in head} & {"QuantizeLinear", "DequantizeLinear"}
+    head = [n for n in proto.graph.node if n.name in set(export.onnx_float_nodes(onnx.load(str(int8_exports[0][0]))))]
+    producer = {out: node.op_type for node in proto.graph.node for out in node.output}
+    consumers = {}
+    for node in proto.graph.node:
+        for tensor in node.input:
+            consumers.setdefault(tensor, set()).add(node.op_type)
+    assert sum(n.op_type == "Conv" for n in head) == 3  # Detect's output convolutions
+    assert not {producer.get(t) for n in head if n.op_type == "Conv" for t in n.input[1:]} & {"DequantizeLinear"}
+    assert not set().union(*(consumers.get(t, set()) for n in head for t in n.output)) & {"QuantizeLinear"}
 
 
 def test_val_and_detect_run_the_int8_models(workspace, int8_exports):
